@@ -1,0 +1,1 @@
+//! Cluster formation (see issue 4).

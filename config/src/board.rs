@@ -1,0 +1,157 @@
+//! Boards are data: `boards/<name>.toml` says everything the builder needs to know about a
+//! target (architecture, partition layout, packages, boot files, console). No code branches
+//! on a board's name.
+
+use serde::{Deserialize, Serialize};
+
+use crate::diag::Invalid;
+use crate::types::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionTable {
+    Gpt,
+    Mbr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Board {
+    pub version: u32,
+    pub name: Name,
+    #[serde(default)]
+    pub description: String,
+    /// Debian architecture (`amd64`, `arm64`).
+    pub arch: String,
+    /// Debian archive components the root filesystem needs.
+    #[serde(default = "main_component")]
+    pub components: Vec<String>,
+    pub kernel_packages: Vec<PackageName>,
+    #[serde(default)]
+    pub firmware_packages: Vec<PackageName>,
+    /// Other packages the board needs (boot loader files, tools).
+    #[serde(default)]
+    pub packages: Vec<PackageName>,
+    /// Extra packages installed only when the image config has `[wifi]`.
+    #[serde(default)]
+    pub wifi_packages: Vec<PackageName>,
+    /// Kernel arguments every image of this board gets (console first, then the rest).
+    pub cmdline: Vec<KernelArg>,
+    /// The serial console device name (`ttyS0`, `ttyAMA0`), for the getty and tests.
+    pub serial: String,
+    pub partition_table: PartitionTable,
+    /// Partition start/size alignment.
+    pub alignment: Size,
+    pub boot: BootPartition,
+    pub root: RootPartition,
+}
+
+fn main_component() -> Vec<String> {
+    vec!["main".into()]
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootPartition {
+    pub size: Size,
+    /// FAT volume label (at most 11 characters).
+    pub label: String,
+    /// Where the running system mounts it.
+    pub mount: String,
+    /// `esp` (GPT EFI system partition) or `fat` (MBR type 0x0c).
+    pub kind: BootKind,
+    /// Files copied from the root filesystem onto the boot partition.
+    #[serde(default)]
+    pub files: Vec<BootFile>,
+    /// Text files rendered onto the boot partition. Placeholders: `{cmdline}`, `{kernel}`,
+    /// `{initrd}`, `{root_partuuid}`.
+    #[serde(default)]
+    pub templates: Vec<BootTemplate>,
+    /// Install syslinux into the partition for legacy BIOS boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslinux: Option<Syslinux>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootKind {
+    Esp,
+    Fat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootFile {
+    /// Path inside the root filesystem (symlinks followed). A directory is copied whole.
+    pub from: String,
+    /// Path on the boot partition.
+    pub to: String,
+    /// Leave the file out instead of failing when it is missing.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootTemplate {
+    pub path: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Syslinux {
+    /// Host path of the MBR boot code (`gptmbr.bin` for GPT disks).
+    pub mbr: String,
+    /// Directory on the boot partition holding `syslinux.cfg`.
+    pub dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootPartition {
+    pub label: String,
+    /// Free space added to the content when the image size is `auto`.
+    pub headroom: Size,
+}
+
+impl Board {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.version != 1 {
+            return Err(Invalid::new("version", "board file version must be 1"));
+        }
+        if self.boot.label.is_empty() || self.boot.label.len() > 11 || !self.boot.label.is_ascii() {
+            return Err(Invalid::new("boot.label", "a FAT label has 1 to 11 ASCII characters"));
+        }
+        if self.root.label.is_empty() || self.root.label.len() > 16 {
+            return Err(Invalid::new("root.label", "an ext4 label has 1 to 16 characters"));
+        }
+        if !self.alignment.bytes().is_power_of_two() || self.alignment.bytes() < 4096 {
+            return Err(Invalid::new("alignment", "alignment must be a power of two of at least 4KiB"));
+        }
+        if self.boot.size.bytes() < 33 << 20 {
+            return Err(Invalid::new("boot.size", "a FAT32 boot partition must be at least 33MiB"));
+        }
+        if self.boot.kind == BootKind::Esp && self.partition_table != PartitionTable::Gpt {
+            return Err(Invalid::new("boot.kind", "an `esp` boot partition needs partition_table = \"gpt\""));
+        }
+        for (i, f) in self.boot.files.iter().enumerate() {
+            if !f.from.starts_with('/') {
+                return Err(Invalid::new(&format!("boot.files[{i}].from"), "must be an absolute path in the root filesystem"));
+            }
+            if !fat_path_ok(&f.to) {
+                return Err(Invalid::new(&format!("boot.files[{i}].to"), "must be a relative path on the boot partition"));
+            }
+        }
+        for (i, t) in self.boot.templates.iter().enumerate() {
+            if !fat_path_ok(&t.path) {
+                return Err(Invalid::new(&format!("boot.templates[{i}].path"), "must be a relative path on the boot partition"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fat_path_ok(p: &str) -> bool {
+    !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|s| s.is_empty() || s == ".." || s == ".")
+}
