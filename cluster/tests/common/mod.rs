@@ -1,0 +1,319 @@
+//! Network-namespace harness: a hub namespace holding bridges, one namespace per node
+//! linked to a hub bridge by a veth pair (named `eth0` inside the node). Everything this
+//! creates lives inside namespaces it made; [`Lab`]'s Drop kills every process in them
+//! (all started by the test) and deletes them, also when the test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "lab-token-0123456789abcdef0123456789abcdef";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn is_root() -> bool {
+    sh(&["id", "-u"]).trim() == "0"
+}
+
+/// The helper binary (src/bin/clutch-cluster-node.rs).
+pub fn helper() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_clutch-cluster-node"))
+}
+
+pub struct Node {
+    pub idx: usize,
+    pub ns: String,
+    pub ip: String,
+    pub id: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.join("status.jsonl")
+    }
+    /// All status lines so far.
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.status_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    pub fn last(&self) -> Option<serde_json::Value> {
+        self.history()
+            .into_iter()
+            .rev()
+            .find(|v| v.get("phase").is_some())
+    }
+    pub fn phase(&self) -> String {
+        self.last()
+            .and_then(|v| v["phase"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+    pub fn phases_seen(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for h in self.history() {
+            if let Some(p) = h["phase"].as_str() {
+                if v.last().map(String::as_str) != Some(p) {
+                    v.push(p.to_string());
+                }
+            }
+        }
+        v
+    }
+    pub fn bootstrapped(&self) -> bool {
+        self.phases_seen().iter().any(|p| p == "bootstrapping")
+    }
+    pub fn members(&self) -> usize {
+        self.last()
+            .map(|v| v["members"].as_array().map_or(0, |a| a.len()))
+            .unwrap_or(0)
+    }
+    pub fn role(&self) -> String {
+        self.last()
+            .and_then(|v| v["role"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// Run a command inside this node's namespace.
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+pub struct NodeOpts<'a> {
+    pub cluster: &'a str,
+    pub token: &'a str,
+    pub expected: u32,
+    pub servers: u32,
+    pub settle_ms: u64,
+    pub engine: &'a str,
+}
+
+pub struct Lab {
+    pub tag: String,
+    pub hub: String,
+    pub nodes: Vec<Node>,
+    pub tmp: tempfile::TempDir,
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    /// A hub with bridges `br0` and `br1` and `n` node namespaces on `br0`.
+    pub fn new(n: usize) -> Lab {
+        let tag = format!(
+            "ct{}x{}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let hub = format!("{tag}hub");
+        let mut lab = Lab {
+            tag: tag.clone(),
+            hub: hub.clone(),
+            nodes: Vec::new(),
+            tmp: tempfile::tempdir().unwrap(),
+            namespaces: Vec::new(),
+        };
+        sh(&["ip", "netns", "add", &hub]);
+        lab.namespaces.push(hub.clone());
+        for br in ["br0", "br1"] {
+            sh(&["ip", "-n", &hub, "link", "add", br, "type", "bridge"]);
+            // No IGMP snooping: mDNS multicast must flood between ports.
+            sh(&[
+                "ip",
+                "-n",
+                &hub,
+                "link",
+                "set",
+                br,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+            sh(&["ip", "-n", &hub, "link", "set", br, "up"]);
+        }
+        for i in 0..n {
+            let ns = format!("{tag}n{i}");
+            sh(&["ip", "netns", "add", &ns]);
+            lab.namespaces.push(ns.clone());
+            let port = format!("p{i}");
+            sh(&[
+                "ip", "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            sh(&[
+                "ip", "-n", &hub, "link", "set", &port, "master", "br0", "up",
+            ]);
+            let ip = format!("10.77.0.{}", 10 + i);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            let dir = lab.tmp.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            lab.nodes.push(Node {
+                idx: i,
+                ns,
+                ip,
+                id: String::new(),
+                dir,
+                child: None,
+            });
+        }
+        lab
+    }
+
+    /// Move node `i`'s link to bridge `br`.
+    pub fn attach(&self, i: usize, br: &str) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("p{i}"),
+            "master",
+            br,
+        ]);
+    }
+
+    pub fn start(&mut self, i: usize, id: &str, o: &NodeOpts) {
+        let node = &mut self.nodes[i];
+        node.id = id.to_string();
+        let token_file = node.dir.join("token");
+        std::fs::write(&token_file, o.token).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("node.log"))
+            .unwrap();
+        let root = node.dir.join("root");
+        let helper = helper();
+        let args: Vec<String> = ["netns", "exec", &node.ns]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([helper.display().to_string(), "node".into()])
+            .chain(
+                [
+                    ("--id", id.to_string()),
+                    ("--hostname", format!("host{i}")),
+                    ("--cluster", o.cluster.to_string()),
+                    ("--token-file", token_file.display().to_string()),
+                    ("--expected", o.expected.to_string()),
+                    ("--servers", o.servers.to_string()),
+                    ("--state-dir", node.dir.join("state").display().to_string()),
+                    ("--settle-ms", o.settle_ms.to_string()),
+                    ("--engine", o.engine.to_string()),
+                    ("--root", root.display().to_string()),
+                    ("--status-file", node.status_file().display().to_string()),
+                ]
+                .into_iter()
+                .flat_map(|(k, v)| [k.to_string(), v]),
+            )
+            .collect();
+        let child = Command::new("ip")
+            .args(&args)
+            .env("RUST_LOG", "info,mdns_sd=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            s.push_str(&format!(
+                "--- node {} ({}) phases {:?} last {:?}\n{}\n",
+                n.idx,
+                n.id,
+                n.phases_seen(),
+                n.last(),
+                tail(&n.log(), 30)
+            ));
+        }
+        s
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        for ns in self.namespaces.iter().rev() {
+            // Anything still running in a namespace we made was started by this test
+            // (e.g. etcd children of a killed node): end it by pid.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Poll `cond` until true or panic with `what` and the lab dump after `timeout`.
+pub fn wait_for(lab: &Lab, timeout: Duration, what: &str, mut cond: impl FnMut(&Lab) -> bool) {
+    let start = Instant::now();
+    while !cond(lab) {
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                lab.dump()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("{what}: {:.1}s", start.elapsed().as_secs_f64());
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
