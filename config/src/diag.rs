@@ -223,7 +223,11 @@ fn from_toml_error(file: &Path, text: &str, mut path: KeyPath, e: &toml::de::Err
     let mut want_key = false;
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
-            path = path.key(&rest[..end]);
+            let key = &rest[..end];
+            // serde_path_to_error may already have put the unknown key on the path.
+            if path.0.last() != Some(&Seg::Key(key.to_string())) {
+                path = path.key(key);
+            }
             want_key = true;
         }
     }

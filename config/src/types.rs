@@ -265,6 +265,8 @@ string_newtype!(
     }
 );
 
+// The newtype macro fixes the derives, so Default is written out.
+#[allow(clippy::derivable_impls)]
 impl Default for PasswordHash {
     fn default() -> Self {
         PasswordHash(String::new())

@@ -1,1 +1,133 @@
-fn main() {}
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use clutch_firstboot::facts::{self, Paths};
+use clutch_firstboot::status::{self, StatusBoard};
+use clutch_firstboot::sys::RealSys;
+
+/// First-boot service of clutch images: applies clutch.toml, sets up storage, reports status.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Root directory of the node (everything is looked up under it).
+    #[arg(long, global = true, default_value = "/")]
+    root: PathBuf,
+    /// Mount point of the FAT partition holding clutch.toml, as seen on the node
+    /// [default: /boot/efi or /boot/firmware, whichever has clutch.toml]
+    #[arg(long, global = true, env = "CLUTCH_BOOT_DIR")]
+    boot_dir: Option<PathBuf>,
+    /// More logging (debug); RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Configure the node (what the systemd unit runs; the default).
+    Run,
+    /// Print the node's status (from /run/clutch/status.json).
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what `run` would do, without doing it.
+    Plan,
+}
+
+fn boot_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        ["/boot/efi", "/boot/firmware"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|d| {
+                root.join(d.strip_prefix("/").unwrap_or(d))
+                    .join("clutch.toml")
+                    .exists()
+            })
+            .unwrap_or_else(|| PathBuf::from("/boot/efi"))
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if cli.verbose { "debug" } else { "info" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+    if let Err(e) = real_main(cli) {
+        eprintln!("clutch-firstboot: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let paths = Paths::new(&cli.root, boot_dir(&cli.root, cli.boot_dir));
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let board = StatusBoard::new(
+                paths.status_file(),
+                Box::new(|line| {
+                    // stdout is the console (StandardOutput=journal+console).
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }),
+            );
+            let report = clutch_firstboot::run::run(&paths, &RealSys, &board, true);
+            // A failed node still boots: the error is in the status, the exit code is 0.
+            tracing::info!("finished with phase={}", report.phase);
+            Ok(())
+        }
+        Command::Status { json } => {
+            let p = paths.status_file();
+            let s = status::read_status(&p)
+                .with_context(|| format!("cannot read the status from {}", p.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.human());
+            }
+            Ok(())
+        }
+        Command::Plan => {
+            let loaded =
+                clutch_firstboot::load::load(&paths, &clutch_firstboot::load::read_sources(&paths));
+            let loaded = loaded.context("the node config is not usable")?;
+            let names: Vec<String> = loaded
+                .config
+                .storage
+                .loopback
+                .iter()
+                .map(|l| l.name.to_string())
+                .collect();
+            let f = facts::gather(&paths, &names);
+            let fresh = clutch_firstboot::plan::Fresh {
+                node_id: "0".repeat(32),
+                machine_id: "0".repeat(32),
+            };
+            let plan = clutch_firstboot::plan::plan(&paths, &f, &loaded, &fresh)?;
+            println!("hostname: {}", plan.hostname);
+            for n in &plan.notes {
+                println!("note: {n}");
+            }
+            for s in &plan.steps {
+                println!("{}{}:", s.name, if s.marker { " (once)" } else { "" });
+                for a in &s.actions {
+                    println!("  {a:?}");
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! Planning: from the loaded config and the observed facts to a [`Plan`] of plain data.
+//! Nothing here touches the system; [`crate::apply`] carries a plan out.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use clutch_config::{Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token};
+
+use crate::facts::{Facts, Paths, RootDisk, is_node_id};
+use crate::load::Loaded;
+use crate::render;
+use crate::sys::{Cmd, TableKind};
+
+/// Who owns a written file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Root,
+    /// A user from `/etc/passwd` (resolved when applying: the user may be created first).
+    User(String),
+    /// Whatever owned the file before (e.g. `/etc/shadow`, root:shadow).
+    Keep,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `path` is a node path (looked up under the root).
+    WriteFile {
+        path: PathBuf,
+        contents: Vec<u8>,
+        mode: u32,
+        owner: Owner,
+        /// Don't show the contents in logs or Debug.
+        secret: bool,
+    },
+    MkDir {
+        path: PathBuf,
+        mode: u32,
+        owner: Owner,
+    },
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+    },
+    Remove {
+        path: PathBuf,
+    },
+    SetHostname(Hostname),
+    Run(Cmd),
+    /// Creates a sparse file of `size` bytes, or grows a smaller one.
+    SparseFile {
+        path: PathBuf,
+        size: u64,
+    },
+    /// Attaches `backing` to a loop device (unless `attached` already) and points
+    /// `/dev/clutch/<name>` at it.
+    AttachLoop {
+        name: String,
+        backing: PathBuf,
+        attached: Option<u32>,
+    },
+    Mount {
+        source: PathBuf,
+        target: PathBuf,
+        fstype: String,
+    },
+    GrowPartition {
+        disk: PathBuf,
+        partno: u32,
+        kind: TableKind,
+    },
+    LinksUp(Vec<String>),
+}
+
+impl fmt::Debug for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::WriteFile {
+                path,
+                contents,
+                mode,
+                owner,
+                secret,
+            } => {
+                write!(f, "write {} mode {mode:o} owner {owner:?}", path.display())?;
+                if *secret {
+                    write!(f, " ({} bytes, secret)", contents.len())
+                } else {
+                    write!(f, " ({} bytes)", contents.len())
+                }
+            }
+            Action::MkDir { path, mode, owner } => {
+                write!(f, "mkdir {} mode {mode:o} owner {owner:?}", path.display())
+            }
+            Action::Symlink { path, target } => {
+                write!(f, "symlink {} -> {}", path.display(), target.display())
+            }
+            Action::Remove { path } => write!(f, "remove {}", path.display()),
+            Action::SetHostname(h) => write!(f, "sethostname {h}"),
+            Action::Run(c) => write!(f, "run {c}"),
+            Action::SparseFile { path, size } => write!(f, "sparse {} {size}", path.display()),
+            Action::AttachLoop {
+                name,
+                backing,
+                attached,
+            } => write!(f, "attach {name} {} {attached:?}", backing.display()),
+            Action::Mount {
+                source,
+                target,
+                fstype,
+            } => write!(
+                f,
+                "mount {} {} {fstype}",
+                source.display(),
+                target.display()
+            ),
+            Action::GrowPartition { disk, partno, kind } => {
+                write!(f, "grow {} {partno} {kind:?}", disk.display())
+            }
+            Action::LinksUp(n) => write!(f, "links up {}", n.join(" ")),
+        }
+    }
+}
+
+pub fn write(path: impl Into<PathBuf>, contents: impl Into<Vec<u8>>, mode: u32) -> Action {
+    Action::WriteFile {
+        path: path.into(),
+        contents: contents.into(),
+        mode,
+        owner: Owner::Root,
+        secret: false,
+    }
+}
+
+pub fn write_secret(path: impl Into<PathBuf>, contents: impl Into<Vec<u8>>) -> Action {
+    Action::WriteFile {
+        path: path.into(),
+        contents: contents.into(),
+        mode: 0o600,
+        owner: Owner::Root,
+        secret: true,
+    }
+}
+
+fn remove(path: impl Into<PathBuf>) -> Action {
+    Action::Remove { path: path.into() }
+}
+
+/// A named group of actions. With `marker`, the step runs until it has succeeded once
+/// (`/var/lib/clutch/done/<name>` is written after its last action); without, every boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    pub marker: bool,
+    pub actions: Vec<Action>,
+}
+
+impl Step {
+    fn every_boot(name: &str, actions: Vec<Action>) -> Self {
+        Step {
+            name: name.into(),
+            marker: false,
+            actions,
+        }
+    }
+    fn once(name: &str, actions: Vec<Action>) -> Self {
+        Step {
+            name: name.into(),
+            marker: true,
+            actions,
+        }
+    }
+}
+
+/// A loopback device the node will have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedStorage {
+    pub name: String,
+    pub size: u64,
+    pub mount: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub hostname: Hostname,
+    pub node_id: String,
+    pub steps: Vec<Step>,
+    pub storage: Vec<PlannedStorage>,
+    /// The cluster section, with its token resolved, when the node should form one.
+    pub cluster: Option<(Cluster, Token)>,
+    /// Things worth a log line (skipped root grow, ...).
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "system.hostname: the template `{0}` uses {{mac}} but this node has no network interface with a MAC address"
+    )]
+    NoMac(String),
+}
+
+/// Fresh random values the plan may need; made by the caller (through `Sys`) so planning
+/// stays deterministic.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    pub node_id: String,
+    pub machine_id: String,
+}
+
+/// The primary MAC: first wired link by ifindex, else any physical link.
+pub fn primary_mac(facts: &Facts) -> Option<&str> {
+    facts
+        .links
+        .iter()
+        .find(|l| !l.wireless)
+        .or_else(|| facts.links.first())
+        .map(|l| l.mac.as_str())
+}
+
+fn node_id(facts: &Facts, fresh: &Fresh) -> String {
+    facts
+        .node_id
+        .clone()
+        .unwrap_or_else(|| fresh.node_id.clone())
+}
+
+/// Identity: node id, machine id, SSH host keys, hostname. Also what the failed path runs.
+fn identity(paths: &Paths, facts: &Facts, fresh: &Fresh, hostname: &Hostname) -> Step {
+    let mut a = Vec::new();
+    if facts.node_id.is_none() {
+        a.push(write(
+            paths.state_node("node-id"),
+            format!("{}\n", fresh.node_id),
+            0o644,
+        ));
+    }
+    let mid_ok = facts.machine_id.as_deref().is_some_and(is_node_id);
+    if !mid_ok {
+        a.push(write(
+            "/etc/machine-id",
+            format!("{}\n", fresh.machine_id),
+            0o444,
+        ));
+    }
+    if !facts.missing_host_keys.is_empty() {
+        // A key without its other half (power cut during ssh-keygen) is removed so that
+        // `ssh-keygen -A` makes the pair again.
+        for t in crate::facts::HOST_KEY_TYPES {
+            let key = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key"));
+            let key_pub = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key.pub"));
+            let missing = |p: &Path| facts.missing_host_keys.iter().any(|m| m == p);
+            if missing(&key) != missing(&key_pub) {
+                a.push(remove(key));
+                a.push(remove(key_pub));
+            }
+        }
+        a.push(Action::MkDir {
+            path: "/etc/ssh".into(),
+            mode: 0o755,
+            owner: Owner::Root,
+        });
+        a.push(Action::Run(
+            Cmd::new("ssh-keygen", &["-A", "-f"]).arg_path(&paths.root),
+        ));
+    }
+    a.push(write(
+        "/etc/hostname",
+        render::hostname_file(hostname),
+        0o644,
+    ));
+    a.push(write(
+        "/etc/hosts",
+        render::hosts_file(facts.etc_hosts.as_deref(), hostname),
+        0o644,
+    ));
+    a.push(Action::SetHostname(hostname.clone()));
+    Step::every_boot("identity", a)
+}
+
+impl Paths {
+    /// A node path under the state directory.
+    pub fn state_node(&self, name: &str) -> PathBuf {
+        Path::new(crate::facts::STATE_DIR).join(name)
+    }
+}
+
+fn links_up(facts: &Facts) -> Step {
+    let mut names = vec!["lo".to_string()];
+    names.extend(
+        facts
+            .links
+            .iter()
+            .filter(|l| !l.wireless)
+            .map(|l| l.name.clone()),
+    );
+    Step::every_boot("links", vec![Action::LinksUp(names)])
+}
+
+/// The plan when the config could not be used: identity with the hostname the node already
+/// has (or the default template), and links up. Nothing that needs the config.
+pub fn plan_safe(paths: &Paths, facts: &Facts, fresh: &Fresh) -> Plan {
+    let id = node_id(facts, fresh);
+    let kept = facts
+        .etc_hostname
+        .as_deref()
+        .filter(|h| !matches!(*h, "" | "localhost" | "debian" | "raspberrypi"))
+        .and_then(|h| Hostname::try_from(h).ok());
+    let hostname = kept.unwrap_or_else(|| {
+        HostnameTemplate::default()
+            .render(&id[..6], primary_mac(facts).unwrap_or("000000000000"))
+            .expect("default template renders")
+    });
+    Plan {
+        steps: vec![identity(paths, facts, fresh, &hostname), links_up(facts)],
+        hostname,
+        node_id: id,
+        storage: Vec::new(),
+        cluster: None,
+        notes: Vec::new(),
+    }
+}
+
+/// The size below which growing the root is not worth a partition table edit.
+pub const MIN_GROW_BYTES: u64 = 16 << 20;
+
+pub fn plan(
+    paths: &Paths,
+    facts: &Facts,
+    loaded: &Loaded,
+    fresh: &Fresh,
+) -> Result<Plan, PlanError> {
+    let c: &NodeConfig = &loaded.config;
+    let id = node_id(facts, fresh);
+    let tpl = &c.system.hostname;
+    let mac = match primary_mac(facts) {
+        Some(m) => m.to_string(),
+        None if tpl.uses_mac() => return Err(PlanError::NoMac(tpl.to_string())),
+        None => String::new(),
+    };
+    let hostname = tpl
+        .render(&id[..6], &mac)
+        .map_err(|_| PlanError::NoMac(tpl.to_string()))?;
+
+    let mut steps = vec![identity(paths, facts, fresh, &hostname)];
+    if !loaded.secret_actions.is_empty() {
+        steps.push(Step::every_boot("secrets", loaded.secret_actions.clone()));
+    }
+    steps.push(Step::every_boot("users", users(paths, facts, loaded)));
+    if let Some(pw) = &loaded.extras.plain_password {
+        if !facts.done.contains("custom-password") {
+            if let Some(u) = &c.user {
+                let mut cmd = Cmd::new("chpasswd", &["-R"]).arg_path(&paths.root);
+                cmd.stdin = Some(format!("{}:{pw}\n", u.name));
+                steps.push(Step::once("custom-password", vec![Action::Run(cmd)]));
+            }
+        }
+    }
+    steps.push(Step::every_boot("ssh", ssh(c)));
+    steps.push(Step::every_boot("system", system(facts, loaded)));
+    steps.push(Step::every_boot("network", network(c)));
+    let mut notes = Vec::new();
+    if !facts.done.contains("grow-root") {
+        match &facts.root_disk {
+            Ok(r) => match grow(r) {
+                Ok(actions) => steps.push(Step::once("grow-root", actions)),
+                Err(why) => notes.push(format!("root file system not grown: {why}")),
+            },
+            Err(e) => notes.push(format!("root file system not grown: {e}")),
+        }
+    }
+    let mut storage = Vec::new();
+    for l in &c.storage.loopback {
+        let name = l.name.to_string();
+        let backing = paths.state_node(&format!("storage/{name}.img"));
+        let dev = PathBuf::from(format!("/dev/clutch/{name}"));
+        steps.push(Step::every_boot(
+            &format!("storage-{name}"),
+            vec![
+                Action::MkDir {
+                    path: paths.state_node("storage"),
+                    mode: 0o700,
+                    owner: Owner::Root,
+                },
+                Action::SparseFile {
+                    path: backing.clone(),
+                    size: l.size.bytes(),
+                },
+                Action::AttachLoop {
+                    name: name.clone(),
+                    backing: backing.clone(),
+                    attached: facts.loops.get(&backing).copied(),
+                },
+            ],
+        ));
+        if l.format == LoopFormat::Ext4 {
+            let mkfs = format!("mkfs-{name}");
+            if !facts.done.contains(&mkfs) {
+                let has_fs = facts.backing.get(&name).is_some_and(|b| b.has_ext4);
+                let mut a = Vec::new();
+                if !has_fs {
+                    a.push(Action::Run(
+                        Cmd::new(
+                            "mkfs.ext4",
+                            &[
+                                "-q",
+                                "-F",
+                                "-L",
+                                &name,
+                                "-E",
+                                "lazy_itable_init=1,lazy_journal_init=1",
+                            ],
+                        )
+                        .arg_path(&dev),
+                    ));
+                }
+                steps.push(Step::once(&mkfs, a));
+            }
+            if !facts.mounts.contains_key(&l.mount) {
+                steps.push(Step::every_boot(
+                    &format!("mount-{name}"),
+                    vec![
+                        Action::MkDir {
+                            path: l.mount.clone().into(),
+                            mode: 0o755,
+                            owner: Owner::Root,
+                        },
+                        Action::Mount {
+                            source: dev.clone(),
+                            target: l.mount.clone().into(),
+                            fstype: "ext4".into(),
+                        },
+                    ],
+                ));
+            }
+        }
+        storage.push(PlannedStorage {
+            name,
+            size: l.size.bytes(),
+            mount: l.mount.clone(),
+        });
+    }
+    steps.push(links_up(facts));
+    let cluster = match (&c.cluster, &loaded.token) {
+        (Some(cl), Some(t)) => Some((cl.clone(), t.clone())),
+        _ => None,
+    };
+    Ok(Plan {
+        hostname,
+        node_id: id,
+        steps,
+        storage,
+        cluster,
+        notes,
+    })
+}
+
+fn grow(r: &RootDisk) -> Result<Vec<Action>, String> {
+    if r.fstype != "ext4" {
+        return Err(format!("/ is {}, not ext4", r.fstype));
+    }
+    if !r.is_last {
+        return Err(format!(
+            "{} is not the last partition of {}",
+            r.part_dev.display(),
+            r.disk_dev.display()
+        ));
+    }
+    let kind = r.table.ok_or_else(|| {
+        format!(
+            "no GPT or MBR partition table found on {}",
+            r.disk_dev.display()
+        )
+    })?;
+    if r.free_bytes() < MIN_GROW_BYTES {
+        // Already full size: the marker is written, nothing to do.
+        return Ok(Vec::new());
+    }
+    Ok(vec![
+        Action::GrowPartition {
+            disk: r.disk_dev.clone(),
+            partno: r.partno,
+            kind,
+        },
+        Action::Run(Cmd::new("resize2fs", &[]).arg_path(&r.part_dev)),
+    ])
+}
+
+fn users(paths: &Paths, facts: &Facts, loaded: &Loaded) -> Vec<Action> {
+    let Some(u) = &loaded.config.user else {
+        return Vec::new();
+    };
+    let name = u.name.to_string();
+    let mut a = Vec::new();
+    let entry = render::passwd_entry(&facts.passwd, &name);
+    if entry.is_none() {
+        let mut cmd = Cmd::new("useradd", &["-R"]).arg_path(&paths.root);
+        cmd.args
+            .extend(["-m", "-U", "-s", "/bin/bash"].map(String::from));
+        cmd.args.push(name.clone());
+        a.push(Action::Run(cmd));
+    }
+    let home = entry
+        .map(|e| e.2)
+        .unwrap_or_else(|| format!("/home/{name}"));
+    let sudoers = PathBuf::from(format!("/etc/sudoers.d/clutch-{name}"));
+    if u.sudo {
+        a.push(write(sudoers, render::sudoers(&name), 0o440));
+    } else {
+        a.push(remove(sudoers));
+    }
+    let ssh_dir = Path::new(&home).join(".ssh");
+    a.push(Action::MkDir {
+        path: ssh_dir.clone(),
+        mode: 0o700,
+        owner: Owner::User(name.clone()),
+    });
+    a.push(Action::WriteFile {
+        path: ssh_dir.join("authorized_keys"),
+        contents: render::authorized_keys(&u.authorized_keys).into(),
+        mode: 0o600,
+        owner: Owner::User(name.clone()),
+        secret: false,
+    });
+    // An empty password_hash leaves the password as it is (the builder locks it).
+    if !u.password_hash.as_str().is_empty() {
+        if let Some(new) = facts
+            .shadow
+            .as_deref()
+            .and_then(|s| render::shadow_with_hash(s, &name, u.password_hash.as_str()))
+        {
+            a.push(Action::WriteFile {
+                path: "/etc/shadow".into(),
+                contents: new.into(),
+                mode: 0o640,
+                owner: Owner::Keep,
+                secret: true,
+            });
+        } else {
+            let mut cmd = Cmd::new("chpasswd", &["-e", "-R"]).arg_path(&paths.root);
+            cmd.stdin = Some(format!("{name}:{}\n", u.password_hash));
+            a.push(Action::Run(cmd));
+        }
+    }
+    a
+}
+
+fn ssh(c: &NodeConfig) -> Vec<Action> {
+    let mut a = vec![write(
+        "/etc/ssh/sshd_config.d/50-clutch.conf",
+        render::sshd_dropin(&c.ssh),
+        0o644,
+    )];
+    // Debian's ssh.service has ConditionPathExists=!/etc/ssh/sshd_not_to_be_run, which is
+    // checked when the unit starts, so this works in the boot that writes it.
+    let off = "/etc/ssh/sshd_not_to_be_run";
+    if c.ssh.enabled {
+        a.push(remove(off));
+    } else {
+        a.push(write(
+            off,
+            "disabled by clutch.toml: [ssh] enabled = false\n",
+            0o644,
+        ));
+    }
+    a
+}
+
+fn system(facts: &Facts, loaded: &Loaded) -> Vec<Action> {
+    let tz = loaded.config.system.timezone.as_str();
+    let mut a = vec![
+        Action::Symlink {
+            path: "/etc/localtime".into(),
+            target: PathBuf::from("/usr/share/zoneinfo").join(tz),
+        },
+        write("/etc/timezone", format!("{tz}\n"), 0o644),
+    ];
+    if let Some(k) = &loaded.extras.keymap {
+        a.push(write(
+            "/etc/default/keyboard",
+            render::keyboard(facts.keyboard.as_deref(), k),
+            0o644,
+        ));
+    }
+    a
+}
+
+const WPA_CONF: &str = "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf";
+const WPA_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service";
+
+fn network(c: &NodeConfig) -> Vec<Action> {
+    let mut a = vec![write(
+        "/etc/systemd/network/20-clutch-wired.network",
+        render::wired_network(),
+        0o644,
+    )];
+    match &c.wifi {
+        Some(w) => {
+            a.push(write_secret(
+                WPA_CONF,
+                render::wpa_supplicant(&w.ssid, w.psk.as_ref(), &w.country, w.hidden),
+            ));
+            a.push(write(
+                "/etc/systemd/network/30-clutch-wlan0.network",
+                render::wlan_network(),
+                0o644,
+            ));
+            a.push(Action::Symlink {
+                path: WPA_WANTS.into(),
+                target: "/usr/lib/systemd/system/wpa_supplicant@.service".into(),
+            });
+            // The boot transaction was computed before the symlink existed: queue the
+            // start for this boot too (no-block: we run before sysinit.target).
+            a.push(Action::Run(Cmd::new(
+                "systemctl",
+                &["--no-block", "start", "wpa_supplicant@wlan0.service"],
+            )));
+        }
+        None => {
+            a.push(remove(WPA_CONF));
+            a.push(remove("/etc/systemd/network/30-clutch-wlan0.network"));
+            a.push(remove(WPA_WANTS));
+        }
+    }
+    a
+}

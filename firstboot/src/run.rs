@@ -1,0 +1,109 @@
+//! One boot: load, gather facts, plan, apply, report. Never fails: problems end in
+//! `phase=failed` with the error, after the safe steps ran.
+
+use crate::apply::{Outcome, apply};
+use crate::cluster::{ClusterContext, form_cluster};
+use crate::facts::{Paths, gather};
+use crate::load::{load, read_sources};
+use crate::plan::{Fresh, Plan, plan, plan_safe};
+use crate::status::{Phase, StatusSink, StatusUpdate};
+use crate::sys::Sys;
+
+/// What happened, for the caller (and tests).
+#[derive(Debug)]
+pub struct Report {
+    pub phase: Phase,
+    pub plan: Plan,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+fn hex_random(sys: &dyn Sys) -> String {
+    let mut b = [0u8; 16];
+    sys.random(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs the node setup; with `[cluster]` it then calls into cluster formation when
+/// `form` is set (the binary sets it; tests usually don't).
+pub fn run(paths: &Paths, sys: &dyn Sys, sink: &dyn StatusSink, form: bool) -> Report {
+    let loaded = load(paths, &read_sources(paths));
+    let names: Vec<String> = match &loaded {
+        Ok(l) => l
+            .config
+            .storage
+            .loopback
+            .iter()
+            .map(|l| l.name.to_string())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let facts = gather(paths, &names);
+    let fresh = Fresh {
+        node_id: hex_random(sys),
+        machine_id: hex_random(sys),
+    };
+    let (the_plan, mut error) = match &loaded {
+        Ok(l) => match plan(paths, &facts, l, &fresh) {
+            Ok(p) => (p, None),
+            Err(e) => (plan_safe(paths, &facts, &fresh), Some(e.to_string())),
+        },
+        Err(e) => (plan_safe(paths, &facts, &fresh), Some(e.to_string())),
+    };
+    if let Some(e) = &error {
+        tracing::error!("{e}");
+    }
+    for n in &the_plan.notes {
+        tracing::info!("{n}");
+    }
+    let role = if the_plan.cluster.is_some() {
+        "pending"
+    } else {
+        "none"
+    };
+    sink.set(StatusUpdate {
+        hostname: Some(the_plan.hostname.to_string()),
+        node_id: Some(the_plan.node_id.clone()),
+        ..StatusUpdate::phase(Phase::Configuring).role(role)
+    });
+
+    let outcome = apply(&the_plan, paths, sys);
+    if error.is_none() && !outcome.errors.is_empty() {
+        error = Some(outcome.errors.join("; "));
+    }
+    let phase = match (&error, &the_plan.cluster) {
+        (Some(_), _) => Phase::Failed,
+        (None, Some(_)) => Phase::Discovering,
+        (None, None) => Phase::Ready,
+    };
+    sink.set(StatusUpdate {
+        storage: Some(outcome.storage.clone()),
+        ..StatusUpdate::phase(phase).error(error.clone())
+    });
+    let status = format!("READY=1\nSTATUS=clutch: {phase}");
+    if let Err(e) = sys.notify(&status) {
+        tracing::warn!("sd_notify: {e}");
+    }
+
+    if form && phase == Phase::Discovering {
+        if let Some((cluster, token)) = &the_plan.cluster {
+            let ctx = ClusterContext {
+                cluster: cluster.clone(),
+                token: token.clone(),
+                node_id: the_plan.node_id.clone(),
+                hostname: the_plan.hostname.to_string(),
+                state_dir: paths.state(""),
+            };
+            if let Err(e) = form_cluster(&ctx, sink) {
+                tracing::error!("cluster: {e}");
+                sink.set(StatusUpdate::phase(Phase::Failed).error(Some(format!("cluster: {e}"))));
+            }
+        }
+    }
+    Report {
+        phase,
+        plan: the_plan,
+        outcome,
+        error,
+    }
+}

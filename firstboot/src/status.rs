@@ -1,0 +1,325 @@
+//! The live status (`/run/clutch/status.json`) and the console line on every phase change.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Configuring,
+    Discovering,
+    Bootstrapping,
+    Joining,
+    Ready,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Configuring => "configuring",
+            Phase::Discovering => "discovering",
+            Phase::Bootstrapping => "bootstrapping",
+            Phase::Joining => "joining",
+            Phase::Ready => "ready",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One loopback device as reported in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageStatus {
+    pub name: String,
+    /// The stable path, `/dev/clutch/<name>`.
+    pub device: String,
+    /// The loop device it points to (`/dev/loop0`); empty when attaching failed.
+    pub loop_device: String,
+    pub size_bytes: u64,
+    /// Mount point when `format = "ext4"`, else empty.
+    pub mount: String,
+}
+
+/// `/run/clutch/status.json`. Role is `none` without `[cluster]`, `pending` before the cluster
+/// code decides; leader is empty until one is known; members are host names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub hostname: String,
+    pub node_id: String,
+    pub role: String,
+    pub leader: String,
+    pub members: Vec<String>,
+    pub storage: Vec<StorageStatus>,
+    pub error: Option<String>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            phase: Phase::Configuring,
+            hostname: String::new(),
+            node_id: String::new(),
+            role: "none".into(),
+            leader: String::new(),
+            members: Vec::new(),
+            storage: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+impl Status {
+    /// The console line: `clutch: phase=<phase> host=<hostname> role=<role> members=<n>`.
+    pub fn console_line(&self) -> String {
+        format!(
+            "clutch: phase={} host={} role={} members={}",
+            self.phase,
+            if self.hostname.is_empty() {
+                "-"
+            } else {
+                &self.hostname
+            },
+            if self.role.is_empty() {
+                "-"
+            } else {
+                &self.role
+            },
+            self.members.len()
+        )
+    }
+
+    /// A multi-line report for a person (`clutch-firstboot status`).
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "phase:    {}\nhostname: {}\nnode id:  {}\nrole:     {}\n",
+            self.phase, self.hostname, self.node_id, self.role
+        );
+        if !self.leader.is_empty() {
+            s += &format!("leader:   {}\n", self.leader);
+        }
+        s += &format!("members:  {}", self.members.len());
+        if !self.members.is_empty() {
+            s += &format!(" ({})", self.members.join(", "));
+        }
+        s.push('\n');
+        for d in &self.storage {
+            s += &format!(
+                "storage:  {} -> {} ({} bytes){}\n",
+                d.device,
+                if d.loop_device.is_empty() {
+                    "not attached"
+                } else {
+                    &d.loop_device
+                },
+                d.size_bytes,
+                if d.mount.is_empty() {
+                    String::new()
+                } else {
+                    format!(", mounted on {}", d.mount)
+                }
+            );
+        }
+        if let Some(e) = &self.error {
+            s += &format!("error:    {e}\n");
+        }
+        s
+    }
+
+    pub fn apply(&mut self, u: StatusUpdate) {
+        if let Some(p) = u.phase {
+            self.phase = p;
+        }
+        if let Some(h) = u.hostname {
+            self.hostname = h;
+        }
+        if let Some(n) = u.node_id {
+            self.node_id = n;
+        }
+        if let Some(r) = u.role {
+            self.role = r;
+        }
+        if let Some(l) = u.leader {
+            self.leader = l;
+        }
+        if let Some(m) = u.members {
+            self.members = m;
+        }
+        if let Some(s) = u.storage {
+            self.storage = s;
+        }
+        if let Some(e) = u.error {
+            self.error = e;
+        }
+    }
+}
+
+/// A partial change of the status; unset fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusUpdate {
+    pub phase: Option<Phase>,
+    pub hostname: Option<String>,
+    pub node_id: Option<String>,
+    pub role: Option<String>,
+    pub leader: Option<String>,
+    pub members: Option<Vec<String>>,
+    pub storage: Option<Vec<StorageStatus>>,
+    pub error: Option<Option<String>>,
+}
+
+impl StatusUpdate {
+    pub fn phase(p: Phase) -> Self {
+        StatusUpdate {
+            phase: Some(p),
+            ..Default::default()
+        }
+    }
+    pub fn role(mut self, r: impl Into<String>) -> Self {
+        self.role = Some(r.into());
+        self
+    }
+    pub fn leader(mut self, l: impl Into<String>) -> Self {
+        self.leader = Some(l.into());
+        self
+    }
+    pub fn members(mut self, m: Vec<String>) -> Self {
+        self.members = Some(m);
+        self
+    }
+    pub fn error(mut self, e: Option<String>) -> Self {
+        self.error = Some(e);
+        self
+    }
+}
+
+/// Where status updates go. The cluster code gets a `&dyn StatusSink`.
+pub trait StatusSink: Send + Sync {
+    fn set(&self, update: StatusUpdate);
+    /// The current status (a copy).
+    fn get(&self) -> Status;
+}
+
+type Console = Box<dyn Fn(&str) + Send + Sync>;
+
+/// The real sink: keeps the status in memory, rewrites `status.json` on every change and
+/// prints the console line when the phase changes.
+pub struct StatusBoard {
+    path: PathBuf,
+    state: Mutex<(Status, Option<Phase>)>,
+    console: Console,
+}
+
+impl StatusBoard {
+    /// `path` is the host path of `status.json`; `console` receives each phase line.
+    pub fn new(path: PathBuf, console: Console) -> Self {
+        StatusBoard {
+            path,
+            state: Mutex::new((Status::default(), None)),
+            console,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl StatusSink for StatusBoard {
+    fn set(&self, update: StatusUpdate) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (status, printed) = &mut *g;
+        status.apply(update);
+        if let Err(e) = write_status(&self.path, status) {
+            tracing::warn!("cannot write {}: {e}", self.path.display());
+        }
+        if *printed != Some(status.phase) {
+            *printed = Some(status.phase);
+            (self.console)(&status.console_line());
+        }
+    }
+
+    fn get(&self) -> Status {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+}
+
+pub fn write_status(path: &Path, s: &Status) -> io::Result<()> {
+    let mut json = serde_json::to_vec_pretty(s).map_err(io::Error::other)?;
+    json.push(b'\n');
+    fsx::write_atomic(path, &json, 0o644)
+}
+
+pub fn read_status(path: &Path) -> io::Result<Status> {
+    let text = std::fs::read(path)?;
+    serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn json_shape_matches_the_spec() {
+        let s = Status {
+            hostname: "node-abc123".into(),
+            node_id: "abc123".into(),
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        for k in [
+            "phase", "hostname", "node_id", "role", "leader", "members", "storage", "error",
+        ] {
+            assert!(keys.contains(&k.to_string()), "{k} missing from {v}");
+        }
+        assert_eq!(v["phase"], "configuring");
+        assert!(v["error"].is_null());
+    }
+
+    #[test]
+    fn console_line_once_per_phase_change() {
+        let d = tempfile::tempdir().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let l2 = lines.clone();
+        let b = StatusBoard::new(
+            d.path().join("run/clutch/status.json"),
+            Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
+        );
+        b.set(StatusUpdate {
+            hostname: Some("node-1".into()),
+            ..StatusUpdate::phase(Phase::Configuring)
+        });
+        b.set(StatusUpdate::phase(Phase::Configuring).role("none"));
+        b.set(StatusUpdate::phase(Phase::Discovering).role("pending"));
+        b.set(StatusUpdate::phase(Phase::Joining).members(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            *lines.lock().unwrap(),
+            vec![
+                "clutch: phase=configuring host=node-1 role=none members=0",
+                "clutch: phase=discovering host=node-1 role=pending members=0",
+                "clutch: phase=joining host=node-1 role=pending members=2",
+            ]
+        );
+        let back = read_status(b.path()).unwrap();
+        assert_eq!(back.phase, Phase::Joining);
+        assert_eq!(back.members.len(), 2);
+        assert!(back.human().contains("members:  2 (a, b)"));
+    }
+}
