@@ -304,6 +304,16 @@ async fn finish(
     persisted: Option<status::Persisted>,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Outcome, Error> {
+    if let Some(p) = &persisted {
+        // Start out as what we were, so peers and the status sink never see us rediscover.
+        let mut st = shared.st.lock().unwrap();
+        st.phase = Phase::Joining;
+        st.role = p.role;
+        st.leader = p.leader.clone();
+        st.cluster_exists = true;
+        st.members = p.members.clone();
+        st.waiting = format!("restarting as {} after reboot", p.role);
+    }
     tasks.push(tokio::spawn(runtime::serve(listener, shared.clone())));
     tasks.push(tokio::spawn(runtime::poller(shared.clone())));
     let running = Running {
