@@ -77,6 +77,19 @@ fn ioctl(fd: i32, req: u64, arg: usize) -> io::Result<i32> {
 
 /// Attaches `backing` to a free loop device; returns the device number N of `dev/loopN`.
 pub fn attach(backing: &Path, dev: &Path) -> io::Result<u32> {
+    attach_with(backing, dev, 0)
+}
+
+/// Detaches `dev/loopN` (used by tests; nodes keep their devices).
+pub fn detach(dev: &Path, n: u32) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .open(dev.join(format!("loop{n}")))?;
+    ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0).map(|_| ())
+}
+
+/// [`attach`] with extra `lo_flags` (LO_FLAGS_PARTSCAN = 8 in tests).
+pub fn attach_with(backing: &Path, dev: &Path, extra_flags: u32) -> io::Result<u32> {
     let file = OpenOptions::new().read(true).write(true).open(backing)?;
     let ctl = OpenOptions::new()
         .read(true)
@@ -89,7 +102,7 @@ pub fn attach(backing: &Path, dev: &Path) -> io::Result<u32> {
             .read(true)
             .write(true)
             .open(dev.join(format!("loop{n}")))?;
-        match configure(loopdev.as_raw_fd(), file.as_raw_fd(), backing) {
+        match configure(loopdev.as_raw_fd(), file.as_raw_fd(), backing, extra_flags) {
             Ok(()) => return Ok(n),
             // Someone else took it between GET_FREE and CONFIGURE: try the next one.
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = e,
@@ -99,14 +112,14 @@ pub fn attach(backing: &Path, dev: &Path) -> io::Result<u32> {
     Err(last)
 }
 
-fn configure(loop_fd: i32, file_fd: i32, backing: &Path) -> io::Result<()> {
+fn configure(loop_fd: i32, file_fd: i32, backing: &Path, extra: u32) -> io::Result<()> {
     // Direct I/O avoids caching the data twice (page cache of the file and of the device);
     // not every backing file system allows it, so fall back to buffered I/O.
     for flags in [LO_FLAGS_DIRECT_IO, 0] {
         let cfg = LoopConfig {
             fd: file_fd as u32,
             block_size: 0,
-            info: info_for(backing, flags),
+            info: info_for(backing, flags | extra),
             reserved: [0; 8],
         };
         match ioctl(loop_fd, LOOP_CONFIGURE, &cfg as *const LoopConfig as usize) {
@@ -117,17 +130,17 @@ fn configure(loop_fd: i32, file_fd: i32, backing: &Path) -> io::Result<()> {
                 if e.raw_os_error() == Some(libc::EINVAL)
                     || e.raw_os_error() == Some(libc::ENOTTY) =>
             {
-                return set_fd_then_status(loop_fd, file_fd, backing);
+                return set_fd_then_status(loop_fd, file_fd, backing, extra);
             }
             Err(e) => return Err(e),
         }
     }
-    set_fd_then_status(loop_fd, file_fd, backing)
+    set_fd_then_status(loop_fd, file_fd, backing, extra)
 }
 
-fn set_fd_then_status(loop_fd: i32, file_fd: i32, backing: &Path) -> io::Result<()> {
+fn set_fd_then_status(loop_fd: i32, file_fd: i32, backing: &Path, extra: u32) -> io::Result<()> {
     ioctl(loop_fd, LOOP_SET_FD, file_fd as usize)?;
-    let info = info_for(backing, 0);
+    let info = info_for(backing, extra);
     if let Err(e) = ioctl(
         loop_fd,
         LOOP_SET_STATUS64,
@@ -142,6 +155,68 @@ fn set_fd_then_status(loop_fd: i32, file_fd: i32, backing: &Path) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs root and /dev/loop-control: `cargo test -p clutch-firstboot -- --ignored`.
+    #[test]
+    #[ignore]
+    fn real_attach_and_grow_on_a_loop_device() {
+        const MIB: u64 = 1 << 20;
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        let mut g = gpt::GptConfig::new().writable(true).create(&img).unwrap();
+        g.add_partition("a", 4 * MIB, gpt::partition_types::EFI, 0, None)
+            .unwrap();
+        g.add_partition("b", 8 * MIB, gpt::partition_types::LINUX_FS, 0, None)
+            .unwrap();
+        g.write().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+
+        let n = attach_with(&img, Path::new("/dev"), 8).unwrap();
+        struct Detach(u32);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = detach(Path::new("/dev"), self.0);
+            }
+        }
+        let _guard = Detach(n);
+        let sys = std::path::PathBuf::from(format!("/sys/block/loop{n}"));
+        let backing = std::fs::read_to_string(sys.join("loop/backing_file")).unwrap();
+        assert_eq!(backing.trim(), img.to_str().unwrap());
+        assert_eq!(
+            std::fs::read_to_string(sys.join("loop/autoclear"))
+                .unwrap()
+                .trim(),
+            "0"
+        );
+        let size: u64 = std::fs::read_to_string(sys.join("size"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(size * 512, 64 * MIB);
+        let dev = std::path::PathBuf::from(format!("/dev/loop{n}"));
+        let grown = crate::grow::grow_table(&dev, 2, crate::sys::TableKind::Gpt).unwrap();
+        assert!(grown.changed);
+        assert_eq!(grown.start_bytes + grown.len_bytes, 63 * MIB);
+        let p2 = sys.join(format!("loop{n}p2/size"));
+        if !p2.exists() {
+            // Some sandboxes run loop with partitions disabled (max_part=0, ext_range=1).
+            eprintln!("kernel made no partitions on loop{n}; BLKPG not exercised here");
+            return;
+        }
+        crate::grow::tell_kernel(&dev, 2, grown.start_bytes, grown.len_bytes).unwrap();
+        let p2: u64 = std::fs::read_to_string(p2).unwrap().trim().parse().unwrap();
+        assert_eq!(p2 * 512, grown.len_bytes);
+    }
 
     #[test]
     fn struct_layout_matches_the_kernel() {
