@@ -21,8 +21,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // The umask may have cleared bits; set the mode exactly.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        // The umask may have cleared bits; set the mode exactly. A FAT mount with a fixed
+        // umask refuses chmod (EPERM): the mode given to open() already holds no more bits
+        // than asked for, so that is safe to ignore.
+        if let Err(e) = f.set_permissions(fs::Permissions::from_mode(mode)) {
+            tracing::debug!("chmod {:o} {}: {e}", mode, path.display());
+        }
         f.write_all(data)?;
         f.sync_all()?;
     }
