@@ -1,1 +1,128 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use clutch_builder::{build, data, doctor};
+use clutch_config::Format;
+
+/// clutch: build bootable cluster-node images from one TOML file.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the image described by CONFIG; the last stdout line is the main artifact's path.
+    Build {
+        config: PathBuf,
+        /// Output folder (default: ./out/<config name>/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Cache folder for root filesystems and downloads (default: ~/.cache/clutch).
+        #[arg(long, env = "CLUTCH_CACHE")]
+        cache: Option<PathBuf>,
+        /// Output formats, comma separated (raw,qcow2,zst,bmap,pxe); default: the config's.
+        #[arg(long, value_delimiter = ',', value_parser = parse_format)]
+        format: Option<Vec<Format>>,
+        /// Folder holding boards/ and overlays/ (default: found next to the config).
+        #[arg(long, env = "CLUTCH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The clutch-firstboot binary to put in the image (default: next to clutch).
+        #[arg(long, env = "CLUTCH_FIRSTBOOT_BIN")]
+        firstboot_bin: Option<PathBuf>,
+    },
+    /// Validate CONFIG (and its board and overlays) without building.
+    Check {
+        config: PathBuf,
+        #[arg(long, env = "CLUTCH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// List the host tools a build needs and whether each is present.
+    Doctor,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s {
+        "raw" => Ok(Format::Raw),
+        "qcow2" => Ok(Format::Qcow2),
+        "zst" => Ok(Format::Zst),
+        "bmap" => Ok(Format::Bmap),
+        "pxe" => Ok(Format::Pxe),
+        _ => Err(format!("unknown format `{s}` (raw, qcow2, zst, bmap, pxe)")),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Cmd::Build {
+            config,
+            out,
+            cache,
+            format,
+            data_dir,
+            firstboot_bin,
+        } => {
+            let r = build::build(&build::BuildOpts {
+                config,
+                out,
+                cache,
+                formats: format,
+                data_dir,
+                firstboot_bin,
+            })?;
+            println!("{}", r.main_artifact.display());
+            Ok(true)
+        }
+        Cmd::Check { config, data_dir } => {
+            let (_, cfg, board) = data::load(data_dir.as_deref(), &config)?;
+            println!(
+                "{}: ok (board {}, {} {})",
+                config.display(),
+                board.name,
+                cfg.suite,
+                board.arch
+            );
+            Ok(true)
+        }
+        Cmd::Doctor => {
+            let (report, ok) = doctor::report(&doctor::all_tools());
+            print!("{report}");
+            Ok(ok)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("clutch: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -121,31 +121,55 @@ impl Board {
             return Err(Invalid::new("version", "board file version must be 1"));
         }
         if self.boot.label.is_empty() || self.boot.label.len() > 11 || !self.boot.label.is_ascii() {
-            return Err(Invalid::new("boot.label", "a FAT label has 1 to 11 ASCII characters"));
+            return Err(Invalid::new(
+                "boot.label",
+                "a FAT label has 1 to 11 ASCII characters",
+            ));
         }
         if self.root.label.is_empty() || self.root.label.len() > 16 {
-            return Err(Invalid::new("root.label", "an ext4 label has 1 to 16 characters"));
+            return Err(Invalid::new(
+                "root.label",
+                "an ext4 label has 1 to 16 characters",
+            ));
         }
         if !self.alignment.bytes().is_power_of_two() || self.alignment.bytes() < 4096 {
-            return Err(Invalid::new("alignment", "alignment must be a power of two of at least 4KiB"));
+            return Err(Invalid::new(
+                "alignment",
+                "alignment must be a power of two of at least 4KiB",
+            ));
         }
         if self.boot.size.bytes() < 33 << 20 {
-            return Err(Invalid::new("boot.size", "a FAT32 boot partition must be at least 33MiB"));
+            return Err(Invalid::new(
+                "boot.size",
+                "a FAT32 boot partition must be at least 33MiB",
+            ));
         }
         if self.boot.kind == BootKind::Esp && self.partition_table != PartitionTable::Gpt {
-            return Err(Invalid::new("boot.kind", "an `esp` boot partition needs partition_table = \"gpt\""));
+            return Err(Invalid::new(
+                "boot.kind",
+                "an `esp` boot partition needs partition_table = \"gpt\"",
+            ));
         }
         for (i, f) in self.boot.files.iter().enumerate() {
             if !f.from.starts_with('/') {
-                return Err(Invalid::new(&format!("boot.files[{i}].from"), "must be an absolute path in the root filesystem"));
+                return Err(Invalid::new(
+                    &format!("boot.files[{i}].from"),
+                    "must be an absolute path in the root filesystem",
+                ));
             }
             if !fat_path_ok(&f.to) {
-                return Err(Invalid::new(&format!("boot.files[{i}].to"), "must be a relative path on the boot partition"));
+                return Err(Invalid::new(
+                    &format!("boot.files[{i}].to"),
+                    "must be a relative path on the boot partition",
+                ));
             }
         }
         for (i, t) in self.boot.templates.iter().enumerate() {
             if !fat_path_ok(&t.path) {
-                return Err(Invalid::new(&format!("boot.templates[{i}].path"), "must be a relative path on the boot partition"));
+                return Err(Invalid::new(
+                    &format!("boot.templates[{i}].path"),
+                    "must be a relative path on the boot partition",
+                ));
             }
         }
         Ok(())
@@ -153,5 +177,7 @@ impl Board {
 }
 
 fn fat_path_ok(p: &str) -> bool {
-    !p.is_empty() && !p.starts_with('/') && !p.split('/').any(|s| s.is_empty() || s == ".." || s == ".")
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.split('/').any(|s| s.is_empty() || s == ".." || s == ".")
 }

@@ -267,7 +267,8 @@ mod tests {
 
     #[test]
     fn locate_finds_nested_array_value() {
-        let t = "[storage]\n[[storage.loopback]]\nname = \"a\"\n[[storage.loopback]]\nname = \"b\"\n";
+        let t =
+            "[storage]\n[[storage.loopback]]\nname = \"a\"\n[[storage.loopback]]\nname = \"b\"\n";
         let d = locate(
             Path::new("x.toml"),
             t,
@@ -280,7 +281,11 @@ mod tests {
     #[test]
     fn locate_falls_back_to_enclosing_table() {
         let t = "version = 1\n[cluster]\nname = \"x\"\n";
-        let d = locate(Path::new("c.toml"), t, Invalid::new("cluster.token", "missing"));
+        let d = locate(
+            Path::new("c.toml"),
+            t,
+            Invalid::new("cluster.token", "missing"),
+        );
         assert_eq!(d.key, "cluster.token");
         assert_eq!(d.line, 2, "points at the [cluster] header: {d}");
     }

@@ -47,8 +47,7 @@ fn parse_checked<T: serde::de::DeserializeOwned>(
     text: &str,
     check: impl FnOnce(&mut T) -> Result<(), Invalid>,
 ) -> Result<T, ConfigError> {
-    let mut v: T =
-        diag::parse_toml(path, text).map_err(|d| ConfigError::Invalid(Box::new(d)))?;
+    let mut v: T = diag::parse_toml(path, text).map_err(|d| ConfigError::Invalid(Box::new(d)))?;
     check(&mut v).map_err(|inv| ConfigError::Invalid(Box::new(diag::locate(path, text, inv))))?;
     Ok(v)
 }

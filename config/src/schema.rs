@@ -303,7 +303,10 @@ pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 impl ImageConfig {
     pub fn mirror(&self) -> &str {
-        self.mirror.as_ref().map(|m| m.as_str()).unwrap_or(DEFAULT_MIRROR)
+        self.mirror
+            .as_ref()
+            .map(|m| m.as_str())
+            .unwrap_or(DEFAULT_MIRROR)
     }
 
     /// The node config written to the FAT partition (secrets inline; the node moves them).
@@ -337,7 +340,8 @@ impl ImageConfig {
         if let Some(c) = &mut self.cluster {
             if let Some(f) = c.token_file.take() {
                 let s = read_secret(base, &f, "cluster.token_file")?;
-                c.token = Some(Token::try_from(s).map_err(|e| Invalid::new("cluster.token_file", e))?);
+                c.token =
+                    Some(Token::try_from(s).map_err(|e| Invalid::new("cluster.token_file", e))?);
             }
         }
         Ok(())
@@ -358,7 +362,10 @@ impl ImageConfig {
         let mut names = BTreeSet::new();
         for (i, o) in self.overlays.iter().enumerate() {
             if !names.insert(o) {
-                return Err(Invalid::new(&format!("overlays[{i}]"), format!("overlay `{o}` is listed twice")));
+                return Err(Invalid::new(
+                    &format!("overlays[{i}]"),
+                    format!("overlay `{o}` is listed twice"),
+                ));
             }
         }
         validate_node_sections(
@@ -389,7 +396,9 @@ fn check_version(v: u32) -> Result<(), Invalid> {
     if v != CONFIG_VERSION {
         return Err(Invalid::new(
             "version",
-            format!("config version {v} is not supported; this clutch reads version {CONFIG_VERSION}"),
+            format!(
+                "config version {v} is not supported; this clutch reads version {CONFIG_VERSION}"
+            ),
         ));
     }
     Ok(())
@@ -438,24 +447,45 @@ fn validate_node_sections(
     if let Some(w) = wifi {
         let n = w.ssid.len();
         if n == 0 || n > 32 {
-            return Err(Invalid::new("wifi.ssid", format!("an SSID has 1 to 32 bytes, this one has {n}")));
+            return Err(Invalid::new(
+                "wifi.ssid",
+                format!("an SSID has 1 to 32 bytes, this one has {n}"),
+            ));
         }
         if w.ssid.contains(|c: char| c.is_control()) {
-            return Err(Invalid::new("wifi.ssid", "the SSID contains a control character"));
+            return Err(Invalid::new(
+                "wifi.ssid",
+                "the SSID contains a control character",
+            ));
         }
         if w.psk.is_some() && w.psk_file.is_some() {
-            return Err(Invalid::new("wifi.psk_file", "give either psk or psk_file, not both"));
+            return Err(Invalid::new(
+                "wifi.psk_file",
+                "give either psk or psk_file, not both",
+            ));
         }
     }
     let mut names = BTreeSet::new();
     let mut mounts = BTreeSet::new();
     for (i, l) in storage.loopback.iter().enumerate() {
-        let at = |k: &str| KeyPath::root().key("storage").key("loopback").index(i).key(k);
+        let at = |k: &str| {
+            KeyPath::root()
+                .key("storage")
+                .key("loopback")
+                .index(i)
+                .key(k)
+        };
         if !names.insert(l.name.clone()) {
-            return Err(Invalid::at(at("name"), format!("loopback device `{}` is defined twice", l.name)));
+            return Err(Invalid::at(
+                at("name"),
+                format!("loopback device `{}` is defined twice", l.name),
+            ));
         }
         if l.size.bytes() < 1 << 20 {
-            return Err(Invalid::at(at("size"), "a loopback device must be at least 1MiB"));
+            return Err(Invalid::at(
+                at("size"),
+                "a loopback device must be at least 1MiB",
+            ));
         }
         match l.format {
             LoopFormat::None if !l.mount.is_empty() => {
@@ -473,11 +503,16 @@ fn validate_node_sections(
                 {
                     return Err(Invalid::at(
                         at("mount"),
-                        format!("`{m}` is not a usable mount point: give an absolute path such as /srv/data0"),
+                        format!(
+                            "`{m}` is not a usable mount point: give an absolute path such as /srv/data0"
+                        ),
                     ));
                 }
                 if !mounts.insert(m.clone()) {
-                    return Err(Invalid::at(at("mount"), format!("mount point {m} is used twice")));
+                    return Err(Invalid::at(
+                        at("mount"),
+                        format!("mount point {m} is used twice"),
+                    ));
                 }
             }
             LoopFormat::None => {}
@@ -485,17 +520,29 @@ fn validate_node_sections(
     }
     if let Some(c) = cluster {
         if c.token.is_some() && c.token_file.is_some() {
-            return Err(Invalid::new("cluster.token_file", "give either token or token_file, not both"));
+            return Err(Invalid::new(
+                "cluster.token_file",
+                "give either token or token_file, not both",
+            ));
         }
         if secrets == SecretsRequired::Yes && c.token.is_none() && c.token_file.is_none() {
-            return Err(Invalid::new("cluster.token", "a cluster needs a token (>= 32 characters) or token_file"));
+            return Err(Invalid::new(
+                "cluster.token",
+                "a cluster needs a token (>= 32 characters) or token_file",
+            ));
         }
         if c.expected_size == 0 || c.expected_size > 1000 {
-            return Err(Invalid::new("cluster.expected_size", "expected_size must be between 1 and 1000"));
+            return Err(Invalid::new(
+                "cluster.expected_size",
+                "expected_size must be between 1 and 1000",
+            ));
         }
         if let Some(s) = c.servers {
             if s == 0 {
-                return Err(Invalid::new("cluster.servers", "servers must be at least 1"));
+                return Err(Invalid::new(
+                    "cluster.servers",
+                    "servers must be at least 1",
+                ));
             }
             if s > c.expected_size {
                 return Err(Invalid::new(

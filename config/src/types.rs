@@ -301,7 +301,9 @@ fn check_ssh_key(s: &str) -> Result<(), String> {
             SSH_KEY_TYPES.join(", ")
         ));
     }
-    let b64 = parts.next().ok_or("authorized key has no key data after its type")?;
+    let b64 = parts
+        .next()
+        .ok_or("authorized key has no key data after its type")?;
     let blob = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|e| format!("authorized key data is not valid base64: {e}"))?;
@@ -437,7 +439,11 @@ impl std::str::FromStr for Size {
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let unit = unit.trim();
-        let bad = || format!("`{s}` is not a size: write a whole number with a unit, such as `512MiB` or `4GiB`");
+        let bad = || {
+            format!(
+                "`{s}` is not a size: write a whole number with a unit, such as `512MiB` or `4GiB`"
+            )
+        };
         let n: u64 = num.parse().map_err(|_| bad())?;
         let mult: u64 = match unit {
             "" | "B" => 1,
@@ -520,7 +526,14 @@ mod tests {
         assert_eq!("100MB".parse::<Size>().unwrap().bytes(), 100_000_000);
         assert_eq!("4096".parse::<Size>().unwrap().bytes(), 4096);
         assert_eq!(Size::mib(2048).to_string(), "2GiB");
-        for bad in ["", "0MiB", "1.5GiB", "12 parsecs", "-1G", "99999999999999TiB"] {
+        for bad in [
+            "",
+            "0MiB",
+            "1.5GiB",
+            "12 parsecs",
+            "-1G",
+            "99999999999999TiB",
+        ] {
             assert!(bad.parse::<Size>().is_err(), "{bad}");
         }
     }
@@ -546,7 +559,11 @@ mod tests {
         assert!(SshPublicKey::try_from("ssh-dss AAAAB3 x").is_err());
         // base64 of a blob that claims to be ssh-rsa but is labelled ed25519
         let rsa = "ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ== x";
-        assert!(SshPublicKey::try_from(rsa).unwrap_err().contains("does not encode"));
+        assert!(
+            SshPublicKey::try_from(rsa)
+                .unwrap_err()
+                .contains("does not encode")
+        );
     }
 
     #[test]

@@ -1,1 +1,398 @@
+//! Harness for the boot tests: builds images with the `clutch` binary, starts them under QEMU
+//! (TCG: KVM is not available on the CI machines), reads the serial console and fails with the
+//! console log attached when an expected line does not come in time. Every VM is killed (by
+//! its own pid) when its handle is dropped, also when a test panics.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// Folder for test artifacts (images, logs, keys), kept after the run for inspection.
+pub fn artifacts() -> PathBuf {
+    let d = workspace().join("target/qemu-tests");
+    std::fs::create_dir_all(&d).expect("create target/qemu-tests");
+    d
+}
+
+/// The release binaries the tests drive (`cargo build --release --bins` first).
+pub fn bin(name: &str) -> PathBuf {
+    let p = workspace().join("target/release").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --release --bins` before the boot tests",
+        p.display()
+    );
+    p
+}
+
+/// One test at a time boots: two cores do not run two TCG guests well.
+pub fn serial_lock() -> std::sync::MutexGuard<'static, ()> {
+    static L: Mutex<()> = Mutex::new(());
+    L.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A throwaway ed25519 key pair for logging into test guests.
+pub struct SshKey {
+    pub private: PathBuf,
+    pub public_line: String,
+}
+
+pub fn ssh_key() -> &'static SshKey {
+    static K: OnceLock<SshKey> = OnceLock::new();
+    K.get_or_init(|| {
+        let dir = artifacts().join("ssh");
+        std::fs::create_dir_all(&dir).unwrap();
+        let private = dir.join("id_ed25519");
+        if !private.exists() {
+            let st = Command::new("ssh-keygen")
+                .args([
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "clutch-qemu-test",
+                    "-f",
+                ])
+                .arg(&private)
+                .status()
+                .expect("ssh-keygen (package openssh-client)");
+            assert!(st.success());
+        }
+        let public_line = std::fs::read_to_string(private.with_extension("pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        SshKey {
+            private,
+            public_line,
+        }
+    })
+}
+
+/// Writes a copy of `image-configs/<base>.toml` with the test key as the only authorized key
+/// and `edit` applied to the text, named `<name>.toml` in the artifacts folder.
+pub fn test_config(base: &str, name: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(
+        workspace()
+            .join("image-configs")
+            .join(format!("{base}.toml")),
+    )
+    .unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("authorized_keys") {
+            out.push_str(&format!(
+                "authorized_keys = [\"{}\"]\n",
+                ssh_key().public_line
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let dir = artifacts().join("configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, edit(out)).unwrap();
+    p
+}
+
+/// The cache shared by every build of the test run (and by CI runs on the same machine).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("CLUTCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/clutch-cache"))
+}
+
+/// Builds `config` with the release `clutch` binary; returns the main artifact's path.
+pub fn build_image(config: &Path, formats: &str) -> Result<PathBuf> {
+    let name = config.file_stem().unwrap().to_string_lossy().into_owned();
+    let out = artifacts().join("out").join(&name);
+    let t = Instant::now();
+    let o = Command::new(bin("clutch"))
+        .arg("build")
+        .arg(config)
+        .arg("--out")
+        .arg(&out)
+        .arg("--cache")
+        .arg(cache_dir())
+        .arg("--format")
+        .arg(formats)
+        .arg("--data-dir")
+        .arg(workspace())
+        .arg("--firstboot-bin")
+        .arg(bin("clutch-firstboot"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running clutch build")?;
+    if !o.status.success() {
+        bail!("clutch build {} failed ({})", config.display(), o.status);
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .context("clutch build printed nothing on stdout")?;
+    eprintln!("built {} in {:.0}s", last, t.elapsed().as_secs_f64());
+    Ok(PathBuf::from(last))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU's default SeaBIOS.
+    Bios,
+    /// OVMF (package ovmf), on the default `pc` machine.
+    Uefi,
+}
+
+pub struct VmOpts {
+    pub name: String,
+    pub disk: PathBuf,
+    /// Disk format of `disk` (`raw` or `qcow2`).
+    pub format: &'static str,
+    pub firmware: Firmware,
+    pub memory_mib: u32,
+    /// Extra QEMU arguments (network, more disks).
+    pub extra: Vec<String>,
+}
+
+/// A running VM whose serial console is captured.
+pub struct Vm {
+    pub name: String,
+    child: Child,
+    console: Arc<(Mutex<String>, Condvar)>,
+    pub log_path: PathBuf,
+    _vars: Option<tempfile::NamedTempFile>,
+}
+
+/// A qcow2 overlay on `base`, so a test never changes the built image. `size` grows the disk.
+pub fn overlay(base: &Path, name: &str, size: Option<&str>) -> Result<PathBuf> {
+    let p = artifacts().join(format!("{name}.qcow2"));
+    let _ = std::fs::remove_file(&p);
+    let fmt = if base.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let mut c = Command::new("qemu-img");
+    c.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(base)
+        .arg(&p);
+    if let Some(s) = size {
+        c.arg(s);
+    }
+    let st = c.status().context("qemu-img (package qemu-utils)")?;
+    if !st.success() {
+        bail!("qemu-img create failed for {}", p.display());
+    }
+    Ok(p)
+}
+
+impl Vm {
+    pub fn start(o: VmOpts) -> Result<Vm> {
+        let log_path = artifacts().join(format!("{}.console.log", o.name));
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "pc", "-accel", "tcg", "-m"])
+            .arg(o.memory_mib.to_string())
+            .args([
+                "-smp",
+                "1",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format={},if=virtio",
+                o.disk.display(),
+                o.format
+            ));
+        let mut vars = None;
+        if o.firmware == Firmware::Uefi {
+            let v = tempfile::NamedTempFile::new_in(artifacts())?;
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", v.path())
+                .context("OVMF vars (package ovmf)")?;
+            c.arg("-drive")
+                .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+                .arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    v.path().display()
+                ));
+            vars = Some(v);
+        }
+        c.args(&o.extra);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .context("starting qemu-system-x86_64 (package qemu-system-x86)")?;
+        let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let mut log = std::fs::File::create(&log_path)?;
+        let out = child.stdout.take().expect("piped");
+        let cons = console.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+                let _ = log.write_all(&buf);
+                let line = String::from_utf8_lossy(&buf).replace('\r', "");
+                let (m, cv) = &*cons;
+                m.lock().unwrap().push_str(&line);
+                cv.notify_all();
+                buf.clear();
+            }
+        });
+        let err = child.stderr.take().expect("piped");
+        let cons = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let (m, cv) = &*cons;
+                m.lock()
+                    .unwrap()
+                    .push_str(&format!("[qemu stderr] {line}\n"));
+                cv.notify_all();
+            }
+        });
+        Ok(Vm {
+            name: o.name,
+            child,
+            console,
+            log_path,
+            _vars: vars,
+        })
+    }
+
+    pub fn console(&self) -> String {
+        self.console.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows a line containing `needle` after byte `from`; returns the
+    /// console offset just past it. Fails with the console log when it does not come in time
+    /// or QEMU exits.
+    pub fn wait_for_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.console;
+        let mut text = m.lock().unwrap();
+        loop {
+            if let Some(i) = text.get(from..).and_then(|t| t.find(needle)) {
+                return Ok(from + i + needle.len());
+            }
+            let now = Instant::now();
+            let exited = self.child.try_wait().ok().flatten();
+            if now >= deadline || exited.is_some() {
+                let why = match exited {
+                    Some(st) => format!("QEMU exited ({st})"),
+                    None => format!("not seen within {}s", timeout.as_secs()),
+                };
+                bail!(
+                    "{}: waiting for `{needle}`: {why}\n----- console of {} ({}) -----\n{}\n----- end of console -----",
+                    self.name,
+                    self.name,
+                    self.log_path.display(),
+                    tail(&text, 200)
+                );
+            }
+            let wait = (deadline - now).min(Duration::from_millis(500));
+            text = cv.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<usize> {
+        self.wait_for_from(0, needle, timeout)
+    }
+
+    /// Ends the VM (SIGKILL to our own QEMU process) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on loopback (for QEMU's user-mode `hostfwd`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// User-mode networking with the guest's ssh on `127.0.0.1:port`. Guest traffic stays inside
+/// QEMU's private slirp network (`restrict=on`: no route to the outside).
+pub fn user_net_with_ssh(port: u16) -> Vec<String> {
+    vec![
+        "-nic".into(),
+        format!("user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"),
+    ]
+}
+
+/// Runs `cmd` in the guest over ssh as the image's user, retrying while sshd comes up.
+pub fn ssh(port: u16, cmd: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let o = Command::new("ssh")
+            .args([
+                "-q",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+            ])
+            .args([
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+                "-i",
+            ])
+            .arg(&ssh_key().private)
+            .args(["-p", &port.to_string(), "admin@127.0.0.1", cmd])
+            .stdin(Stdio::null())
+            .output()
+            .context("ssh (package openssh-client)")?;
+        if o.status.success() {
+            return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
+        }
+        // 255 is ssh's own failure (not up yet); anything else is the command's.
+        if o.status.code() != Some(255) || Instant::now() > deadline {
+            bail!(
+                "ssh `{cmd}` failed ({}): {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,407 @@
+//! `clutch build`: config -> root filesystem -> staged tree -> disk image -> outputs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clutch_config::{Board, Format, ImageConfig};
+use sha2::{Digest, Sha256};
+
+use crate::disk::{self, Ids};
+use crate::fat::{self, FatFile};
+use crate::{atomic, data, doctor, output, rootfs, stage};
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOpts {
+    pub config: PathBuf,
+    pub out: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+    pub formats: Option<Vec<Format>>,
+    pub data_dir: Option<PathBuf>,
+    pub firstboot_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    pub main_artifact: PathBuf,
+    pub artifacts: Vec<PathBuf>,
+    pub rootfs_cached: bool,
+}
+
+/// Progress: one line per stage on stderr (stdout carries only the result).
+pub struct Progress {
+    total: usize,
+    n: usize,
+    start: Instant,
+    stage_start: Instant,
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Self {
+        let now = Instant::now();
+        Progress {
+            total,
+            n: 0,
+            start: now,
+            stage_start: now,
+        }
+    }
+    pub fn stage(&mut self, what: &str) {
+        self.n += 1;
+        self.stage_start = Instant::now();
+        eprintln!("clutch: [{}/{}] {what}", self.n, self.total);
+    }
+    pub fn done(&self, detail: &str) {
+        eprintln!(
+            "clutch:       {detail} ({:.1}s)",
+            self.stage_start.elapsed().as_secs_f64()
+        );
+    }
+    pub fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+}
+
+pub fn default_cache() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("clutch");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache/clutch");
+    }
+    PathBuf::from("/var/cache/clutch")
+}
+
+fn config_name(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
+/// The `clutch-firstboot` binary for the board's architecture.
+fn find_firstboot(explicit: Option<&Path>, board: &Board) -> Result<PathBuf> {
+    let p = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe().context("locating the clutch binary")?;
+            exe.with_file_name("clutch-firstboot")
+        }
+    };
+    if !p.is_file() {
+        bail!(
+            "no clutch-firstboot binary at {} (build it with `cargo build --release`, or pass --firstboot-bin)",
+            p.display()
+        );
+    }
+    let want = match board.arch.as_str() {
+        "amd64" => 0x3e,
+        "arm64" => 0xb7,
+        other => bail!("no known ELF machine for Debian arch {other}"),
+    };
+    let head = disk::read_at(&p, 0, 20).with_context(|| format!("reading {}", p.display()))?;
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    if &head[..4] != b"\x7fELF" || machine != want {
+        bail!(
+            "{} is not a Linux {} binary (ELF machine {machine:#x}); pass --firstboot-bin for the board's architecture",
+            p.display(),
+            board.arch
+        );
+    }
+    Ok(p)
+}
+
+/// The node config as written to the FAT partition: the wifi passphrase is replaced by the
+/// derived WPA key, so the passphrase itself never lands on the image.
+pub fn node_config_toml(cfg: &ImageConfig) -> Result<String> {
+    let mut node = cfg.node_config();
+    if let Some(w) = &mut node.wifi {
+        if let Some(psk) = &w.psk {
+            w.psk = Some(
+                clutch_config::WifiPsk::try_from(psk.hex_key(&w.ssid))
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+    let body = toml::to_string_pretty(&node)?;
+    Ok(format!(
+        "# clutch node config: read by clutch-firstboot when the node boots.\n\
+         # Edit it after flashing to change this node; secrets (token, wifi key) are moved\n\
+         # off this partition into /var/lib/clutch at first boot.\n\n{body}"
+    ))
+}
+
+/// Renders a board template: `{cmdline}` and `{root_partuuid}`.
+pub fn render_template(t: &str, cmdline: &str, root_partuuid: &str) -> String {
+    t.replace("{cmdline}", cmdline)
+        .replace("{root_partuuid}", root_partuuid)
+}
+
+pub fn kernel_cmdline(cfg: &ImageConfig, board: &Board, root_partuuid: &str) -> String {
+    let mut args: Vec<String> = vec![format!("root=PARTUUID={root_partuuid}")];
+    args.extend(board.cmdline.iter().map(|a| a.to_string()));
+    if cfg.kernel.cgroups {
+        args.push("cgroup_enable=memory".into());
+        args.push("cgroup_memory=1".into());
+    }
+    args.extend(cfg.kernel.cmdline.iter().map(|a| a.to_string()));
+    args.join(" ")
+}
+
+/// Removes a folder tree when dropped.
+struct DirGuard(PathBuf);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
+    let text = std::fs::read_to_string(&opts.config)
+        .with_context(|| format!("cannot read {}", opts.config.display()))?;
+    let (data, cfg, board) = data::load(opts.data_dir.as_deref(), &opts.config)?;
+    let formats = opts
+        .formats
+        .clone()
+        .unwrap_or_else(|| cfg.image.formats.clone());
+    for f in &formats {
+        if matches!(f, Format::Bmap | Format::Pxe) {
+            bail!(
+                "format `{}` is not supported by this build of clutch yet",
+                f.as_str()
+            );
+        }
+    }
+    doctor::require(&doctor::needed_for(&board, &formats))?;
+    let firstboot = find_firstboot(opts.firstboot_bin.as_deref(), &board)?;
+    let unit = data.0.join("firstboot/clutch-firstboot.service");
+    let name = config_name(&opts.config);
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("out").join(&name));
+    let cache = opts.cache.clone().unwrap_or_else(default_cache);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+
+    // Everything that shapes the image seeds its identifiers.
+    let board_text = std::fs::read_to_string(data.board_path(cfg.board.as_str()))?;
+    let seed = hex::encode(Sha256::digest(format!("{text}\n--\n{board_text}")));
+    let ids = Ids::from_seed(&seed);
+    let (boot_uuid, root_uuid) = ids.partuuids(board.partition_table);
+
+    let mut p = Progress::new(4 + formats.len());
+    let spec = rootfs::RootfsSpec::new(&cfg, &board);
+    p.stage(&format!(
+        "root filesystem ({} {} , {} packages)",
+        spec.suite,
+        spec.arch,
+        spec.packages.len()
+    ));
+    let (tar, cached) = rootfs::ensure(&cache, &spec)?;
+    p.done(if cached {
+        "reused from the cache"
+    } else {
+        "built with mmdebstrap"
+    });
+
+    p.stage("staging the image tree");
+    let work = cache.join("work");
+    std::fs::create_dir_all(&work)?;
+    let staging = tempfile::Builder::new()
+        .prefix("stage-")
+        .tempdir_in(&work)?
+        .keep();
+    let _cleanup = DirGuard(staging.clone());
+    rootfs::extract(&tar, &staging)?;
+    let overlays = cfg
+        .overlays
+        .iter()
+        .map(|o| data.overlay_path(o.as_str()))
+        .collect();
+    stage::apply(
+        &staging,
+        &stage::StageInputs {
+            cfg: &cfg,
+            board: &board,
+            overlays,
+            firstboot_bin: &firstboot,
+            firstboot_unit: &unit,
+            root_partuuid: root_uuid.clone(),
+            boot_partuuid: boot_uuid.clone(),
+        },
+    )?;
+    let cmdline = kernel_cmdline(&cfg, &board, &root_uuid);
+    let boot_files = collect_boot_files(&staging, &board, &cfg, &cmdline, &root_uuid)?;
+    p.done(&format!(
+        "{} files for the boot partition",
+        boot_files.len()
+    ));
+
+    p.stage("assembling the disk image");
+    let usage = disk::tree_usage(&staging)?;
+    let layout = disk::plan(
+        &board,
+        cfg.image.size,
+        disk::ext4_size_for(usage, board.root.headroom.bytes()),
+    )?;
+    let raw = out.join(format!("{name}.img"));
+    let raw_tmp = atomic::temp_path(&raw);
+    let _ = std::fs::remove_file(&raw_tmp);
+    // Removes the raw temporary on failure, or when raw was only an intermediate.
+    let _raw_guard = atomic::TempGuard::new(raw_tmp.clone());
+    disk::create_with_table(&raw_tmp, &board, &layout, &ids)?;
+    fat::write_fat(
+        &raw_tmp,
+        layout.boot,
+        &board.boot.label,
+        ids.fat_volume_id,
+        &boot_files,
+    )?;
+    disk::mkfs_root(
+        &raw_tmp,
+        &layout,
+        &board.root.label,
+        &ids.root_fs_uuid,
+        &staging,
+    )?;
+    if let Some(s) = &board.boot.syslinux {
+        disk::install_syslinux(&raw_tmp, &layout, &s.dir)?;
+        fat::sync_backup_boot_sector(&raw_tmp, layout.boot)?;
+    }
+    p.done(&format!(
+        "{} MiB disk: boot {} MiB, root {} MiB ({} MiB of files)",
+        layout.total >> 20,
+        layout.boot.size >> 20,
+        layout.root.size >> 20,
+        usage >> 20
+    ));
+
+    // Every artifact is written under a temporary name; all are renamed only once all exist.
+    let mut pending = output::Pending::default();
+    for f in &formats {
+        p.stage(&format!("writing {}", f.as_str()));
+        let dest = match f {
+            Format::Raw => raw.clone(),
+            Format::Qcow2 => out.join(format!("{name}.qcow2")),
+            Format::Zst => out.join(format!("{name}.img.zst")),
+            Format::Bmap | Format::Pxe => unreachable!("rejected above"),
+        };
+        match f {
+            Format::Raw => pending.add_existing(raw_tmp.clone(), dest.clone()),
+            Format::Qcow2 => pending.add(dest.clone(), |tmp| output::qcow2(&raw_tmp, tmp))?,
+            Format::Zst => pending.add(dest.clone(), |tmp| output::zstd(&raw_tmp, tmp))?,
+            Format::Bmap | Format::Pxe => unreachable!("rejected above"),
+        }
+        p.done(&dest.display().to_string());
+    }
+    p.stage("checksums");
+    let artifacts = pending.commit_with_sums(&out.join("SHA256SUMS"))?;
+    p.done(&format!(
+        "{} artifacts in {}",
+        artifacts.len(),
+        out.display()
+    ));
+    eprintln!("clutch: built {name} in {:.1}s", p.elapsed());
+    let main_artifact = artifacts
+        .first()
+        .cloned()
+        .context("no artifact was requested")?;
+    Ok(BuildResult {
+        main_artifact,
+        artifacts,
+        rootfs_cached: cached,
+    })
+}
+
+fn collect_boot_files(
+    staging: &Path,
+    board: &Board,
+    cfg: &ImageConfig,
+    cmdline: &str,
+    root_partuuid: &str,
+) -> Result<Vec<FatFile>> {
+    let mut files = Vec::new();
+    for f in &board.boot.files {
+        let src = stage::resolve_in_root(staging, &f.from)?;
+        if src.is_dir() {
+            add_dir(&src, &f.to, &mut files)?;
+        } else if src.is_file() {
+            files.push(FatFile {
+                path: f.to.clone(),
+                data: std::fs::read(&src)?,
+            });
+        } else if !f.optional {
+            bail!(
+                "the board needs {} from the root filesystem, but the image has no such file",
+                f.from
+            );
+        }
+    }
+    for t in &board.boot.templates {
+        files.push(FatFile {
+            path: t.path.clone(),
+            data: render_template(&t.content, cmdline, root_partuuid).into_bytes(),
+        });
+    }
+    files.push(FatFile {
+        path: "clutch.toml".into(),
+        data: node_config_toml(cfg)?.into_bytes(),
+    });
+    Ok(files)
+}
+
+fn add_dir(src: &Path, to: &str, files: &mut Vec<FatFile>) -> Result<()> {
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        let dest = format!("{to}/{name}");
+        if p.is_dir() {
+            add_dir(&p, &dest, files)?;
+        } else {
+            files.push(FatFile {
+                path: dest,
+                data: std::fs::read(&p)?,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> ImageConfig {
+        let text = format!(
+            "version = 1\nboard = \"amd64\"\n[user]\nname = \"admin\"\npassword_hash = \"$y$abc\"\n{extra}"
+        );
+        clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn cmdline_has_root_console_and_cgroups() {
+        let b = clutch_config::load_board(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
+        )
+        .unwrap();
+        let c = kernel_cmdline(&cfg("[kernel]\ncmdline = [\"quiet\"]\n"), &b, "ROOT");
+        assert!(c.starts_with("root=PARTUUID=ROOT "), "{c}");
+        assert!(c.contains("console=ttyS0,115200"));
+        assert!(c.contains("cgroup_enable=memory cgroup_memory=1"));
+        assert!(c.ends_with(" quiet"));
+        let c = kernel_cmdline(&cfg("[kernel]\ncgroups = false\n"), &b, "ROOT");
+        assert!(!c.contains("cgroup"));
+    }
+
+    #[test]
+    fn node_config_on_fat_has_wpa_key_not_passphrase() {
+        let c = cfg("[wifi]\nssid = \"IEEE\"\npsk = \"password\"\ncountry = \"GB\"\n");
+        let t = node_config_toml(&c).unwrap();
+        assert!(!t.contains("\"password\""), "{t}");
+        assert!(t.contains("f42c6fc52df0ebef9ebb4b90b38a5f902e83fe1b135a70e23aed762e9710a12e"));
+        // What we write, firstboot can read back.
+        let n = clutch_config::parse_node_config(Path::new("clutch.toml"), &t).unwrap();
+        assert_eq!(n.user.unwrap().name.as_str(), "admin");
+    }
+}

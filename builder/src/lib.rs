@@ -1,0 +1,13 @@
+//! The clutch image builder: one TOML file in, a bootable image out.
+
+pub mod atomic;
+pub mod build;
+pub mod cmd;
+pub mod data;
+pub mod disk;
+pub mod doctor;
+pub mod fat;
+pub mod fetch;
+pub mod output;
+pub mod rootfs;
+pub mod stage;

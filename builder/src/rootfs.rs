@@ -1,0 +1,199 @@
+//! The Debian root filesystem: built once with mmdebstrap, cached as a tarball keyed by a
+//! hash of everything that shapes it (suite, arch, mirror, components, packages, recipe), so
+//! builds that change only user settings reuse it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use clutch_config::{Board, Engine, ImageConfig};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{atomic, cmd};
+
+/// Bump when the way a root filesystem is made changes, so old cache entries are not reused.
+const RECIPE: u32 = 1;
+
+/// What every clutch image has, whatever the board.
+pub const BASE_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "systemd-resolved",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "e2fsprogs",
+    "iproute2",
+    "kmod",
+    "tzdata",
+    "ca-certificates",
+];
+
+/// Packages an engine needs on the node.
+pub fn engine_packages(engine: Engine) -> &'static [&'static str] {
+    match engine {
+        Engine::Etcd => &["etcd-server", "etcd-client"],
+        Engine::K3s => &["iptables"],
+        Engine::None => &[],
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RootfsSpec {
+    pub recipe: u32,
+    pub suite: String,
+    pub arch: String,
+    pub mirror: String,
+    pub components: Vec<String>,
+    pub packages: BTreeSet<String>,
+}
+
+impl RootfsSpec {
+    pub fn new(cfg: &ImageConfig, board: &Board) -> Self {
+        let mut packages: BTreeSet<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+        let board_pkgs = board
+            .kernel_packages
+            .iter()
+            .chain(&board.firmware_packages)
+            .chain(&board.packages)
+            .chain(
+                cfg.wifi
+                    .as_ref()
+                    .map(|_| &board.wifi_packages)
+                    .into_iter()
+                    .flatten(),
+            );
+        packages.extend(board_pkgs.map(|p| p.to_string()));
+        if let Some(c) = &cfg.cluster {
+            packages.extend(engine_packages(c.engine).iter().map(|s| s.to_string()));
+        }
+        packages.extend(cfg.packages.iter().map(|p| p.to_string()));
+        RootfsSpec {
+            recipe: RECIPE,
+            suite: cfg.suite.to_string(),
+            arch: board.arch.clone(),
+            mirror: cfg.mirror().to_string(),
+            components: board.components.clone(),
+            packages,
+        }
+    }
+
+    /// The cache key: sha256 over the canonical JSON of the spec.
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).expect("spec serialises");
+        hex::encode(Sha256::digest(json))[..24].to_string()
+    }
+}
+
+/// Returns the cached tarball for `spec`, building it first when absent. The bool says
+/// whether it came from the cache.
+pub fn ensure(cache: &Path, spec: &RootfsSpec) -> Result<(PathBuf, bool)> {
+    let dir = cache.join("rootfs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let key = spec.key();
+    let tar = dir.join(format!("{key}.tar"));
+    if tar.is_file() {
+        return Ok((tar, true));
+    }
+    let tmp = atomic::temp_path(&tar);
+    let mut guard = atomic::TempGuard::new(tmp.clone());
+    let pkgs: Vec<&str> = spec.packages.iter().map(String::as_str).collect();
+    let mut c = Command::new("mmdebstrap");
+    c.arg("--mode=root")
+        .arg("--variant=apt")
+        .arg("--format=tar")
+        .arg(format!("--architectures={}", spec.arch))
+        .arg(format!("--components={}", spec.components.join(",")))
+        .arg(format!("--include={}", pkgs.join(",")))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        // Documentation and translations are dead weight on an appliance.
+        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+        .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/info/*")
+        .arg(&spec.suite)
+        .arg(&tmp)
+        .arg(&spec.mirror);
+    cmd::run(&mut c).context("building the root filesystem with mmdebstrap")?;
+    atomic::commit(&tmp, &tar)?;
+    guard.disarm();
+    let meta = serde_json::to_vec_pretty(spec)?;
+    atomic::write(&dir.join(format!("{key}.json")), &meta)?;
+    Ok((tar, false))
+}
+
+/// Unpacks a cached root filesystem into `dest` (which must exist and be empty).
+pub fn extract(tar: &Path, dest: &Path) -> Result<()> {
+    cmd::run(
+        Command::new("tar")
+            .arg("--extract")
+            .arg("--numeric-owner")
+            .arg("--preserve-permissions")
+            .arg("--xattrs")
+            .arg("--xattrs-include=*")
+            .arg("--file")
+            .arg(tar)
+            .arg("--directory")
+            .arg(dest),
+    )
+    .with_context(|| format!("unpacking {}", tar.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> ImageConfig {
+        let text = format!(
+            "version = 1\nboard = \"amd64\"\n{extra}\n[user]\nname = \"a\"\npassword_hash = \"$y$x\"\n"
+        );
+        clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap()
+    }
+
+    fn board() -> Board {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml");
+        clutch_config::load_board(&p).unwrap()
+    }
+
+    #[test]
+    fn key_ignores_user_settings_but_not_packages() {
+        let b = board();
+        let a = RootfsSpec::new(&cfg(""), &b);
+        let mut with_user = cfg("");
+        with_user.user.as_mut().unwrap().sudo = false;
+        with_user.system.hostname = "other-{id}".to_string().try_into().unwrap();
+        assert_eq!(a.key(), RootfsSpec::new(&with_user, &b).key());
+        let more = RootfsSpec::new(&cfg("packages = [\"htop\"]"), &b);
+        assert_ne!(a.key(), more.key());
+        assert!(more.packages.contains("htop"));
+        let other_suite = RootfsSpec::new(&cfg("suite = \"bookworm\""), &b);
+        assert_ne!(a.key(), other_suite.key());
+    }
+
+    #[test]
+    fn engine_and_board_packages_are_included() {
+        let c = cfg(
+            "[cluster]\nname = \"lab\"\nengine = \"etcd\"\ntoken = \"0123456789abcdef0123456789abcdef\"",
+        );
+        let s = RootfsSpec::new(&c, &board());
+        for p in [
+            "etcd-server",
+            "etcd-client",
+            "linux-image-amd64",
+            "systemd-boot-efi",
+            "openssh-server",
+        ] {
+            assert!(s.packages.contains(p), "{p} missing");
+        }
+        assert!(
+            !s.packages.contains("wpasupplicant"),
+            "wifi packages only with [wifi]"
+        );
+    }
+}

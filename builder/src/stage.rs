@@ -1,0 +1,379 @@
+//! Turning an unpacked Debian tree into a clutch root filesystem: overlays, the firstboot
+//! service, the user, ssh, time zone, fstab; and removing what must be made per node
+//! (ssh host keys, machine-id).
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clutch_config::{Board, ImageConfig};
+
+use crate::cmd;
+
+/// Paths and ids the staged tree needs to know about.
+pub struct StageInputs<'a> {
+    pub cfg: &'a ImageConfig,
+    pub board: &'a Board,
+    pub overlays: Vec<PathBuf>,
+    pub firstboot_bin: &'a Path,
+    pub firstboot_unit: &'a Path,
+    pub root_partuuid: String,
+    pub boot_partuuid: String,
+}
+
+pub fn apply(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
+    for o in &inp.overlays {
+        copy_tree(o, root).with_context(|| format!("copying overlay {}", o.display()))?;
+    }
+    install_firstboot(root, inp)?;
+    write_fstab(root, inp)?;
+    write_identity_placeholders(root)?;
+    set_timezone(root, inp.cfg.system.timezone.as_str())?;
+    if let Some(u) = &inp.cfg.user {
+        add_user(root, u)?;
+    }
+    configure_ssh(root, inp.cfg)?;
+    enable_units(
+        root,
+        &["clutch-firstboot.service", "systemd-networkd.service"],
+    )?;
+    Ok(())
+}
+
+fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<()> {
+    let p = root.join(rel.trim_start_matches('/'));
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&p, content).with_context(|| format!("writing {}", p.display()))?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn install_firstboot(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
+    let bin = root.join("usr/bin/clutch-firstboot");
+    std::fs::copy(inp.firstboot_bin, &bin)
+        .with_context(|| format!("installing {}", inp.firstboot_bin.display()))?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    let unit = std::fs::read_to_string(inp.firstboot_unit)
+        .with_context(|| format!("reading {}", inp.firstboot_unit.display()))?;
+    write(
+        root,
+        "usr/lib/systemd/system/clutch-firstboot.service",
+        &unit,
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/default/clutch-firstboot",
+        &format!(
+            "# Written by clutch build. Where the FAT partition with clutch.toml is mounted.\nCLUTCH_BOOT_DIR={}\n",
+            inp.board.boot.mount
+        ),
+        0o644,
+    )?;
+    std::fs::create_dir_all(root.join("var/lib/clutch"))?;
+    std::fs::set_permissions(
+        root.join("var/lib/clutch"),
+        std::fs::Permissions::from_mode(0o700),
+    )?;
+    Ok(())
+}
+
+pub fn fstab(board: &Board, root_partuuid: &str, boot_partuuid: &str) -> String {
+    format!(
+        "# Written by clutch build.\n\
+         PARTUUID={root_partuuid}  /  ext4  defaults,noatime,errors=remount-ro  0  1\n\
+         PARTUUID={boot_partuuid}  {}  vfat  defaults,umask=0077,shortname=winnt  0  2\n",
+        board.boot.mount
+    )
+}
+
+fn write_fstab(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
+    std::fs::create_dir_all(root.join(inp.board.boot.mount.trim_start_matches('/')))?;
+    write(
+        root,
+        "etc/fstab",
+        &fstab(inp.board, &inp.root_partuuid, &inp.boot_partuuid),
+        0o644,
+    )
+}
+
+fn write_identity_placeholders(root: &Path) -> Result<()> {
+    // Made per node at first boot: an empty machine-id (systemd's first-boot marker) and no
+    // ssh host keys.
+    write(root, "etc/machine-id", "", 0o444)?;
+    let dbus_id = root.join("var/lib/dbus/machine-id");
+    if dbus_id.symlink_metadata().is_ok() {
+        std::fs::remove_file(&dbus_id)?;
+    }
+    for e in std::fs::read_dir(root.join("etc/ssh"))?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("ssh_host_") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    write(root, "etc/hostname", "clutch\n", 0o644)?;
+    write(
+        root,
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n127.0.1.1\tclutch\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+        0o644,
+    )?;
+    Ok(())
+}
+
+fn set_timezone(root: &Path, tz: &str) -> Result<()> {
+    let zone = Path::new("/usr/share/zoneinfo").join(tz);
+    if !root.join(zone.strip_prefix("/")?).exists() {
+        bail!(
+            "time zone `{tz}` does not exist in the image ({} is missing)",
+            zone.display()
+        );
+    }
+    let lt = root.join("etc/localtime");
+    let _ = std::fs::remove_file(&lt);
+    symlink(&zone, &lt)?;
+    write(root, "etc/timezone", &format!("{tz}\n"), 0o644)
+}
+
+fn add_user(root: &Path, u: &clutch_config::User) -> Result<()> {
+    let name = u.name.as_str();
+    let mut c = Command::new("useradd");
+    c.arg("--root")
+        .arg(root)
+        .args(["--create-home", "--user-group", "--shell", "/bin/bash"]);
+    if u.sudo {
+        c.args(["--groups", "sudo"]);
+    }
+    let hash = u.password_hash.as_str();
+    // `!` keeps the account usable for ssh keys while no password can match.
+    c.arg("--password")
+        .arg(if hash.is_empty() { "!" } else { hash });
+    c.arg(name);
+    cmd::run(&mut c).with_context(|| format!("creating user {name}"))?;
+    let home = root.join("home").join(name);
+    let ssh = home.join(".ssh");
+    std::fs::create_dir_all(&ssh)?;
+    let keys: String = u.authorized_keys.iter().map(|k| format!("{k}\n")).collect();
+    write(&ssh, "authorized_keys", &keys, 0o600)?;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
+    let (uid, gid) = ids(root, name)?;
+    for p in [&ssh, &ssh.join("authorized_keys")] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+    }
+    if u.sudo {
+        write(
+            root,
+            &format!("etc/sudoers.d/clutch-{name}"),
+            &format!(
+                "# Written by clutch build ([user] sudo = true).\n{name} ALL=(ALL) NOPASSWD:ALL\n"
+            ),
+            0o440,
+        )?;
+    }
+    Ok(())
+}
+
+/// uid and gid of `name` in the tree's /etc/passwd.
+fn ids(root: &Path, name: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd"))?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == name {
+            return Ok((f[2].parse()?, f[3].parse()?));
+        }
+    }
+    bail!("user {name} is not in the image's /etc/passwd")
+}
+
+fn configure_ssh(root: &Path, cfg: &ImageConfig) -> Result<()> {
+    let pa = if cfg.ssh.password_authentication {
+        "yes"
+    } else {
+        "no"
+    };
+    write(
+        root,
+        "etc/ssh/sshd_config.d/50-clutch.conf",
+        &format!(
+            "# Written by clutch build ([ssh] section).\nPasswordAuthentication {pa}\nKbdInteractiveAuthentication {pa}\nPermitRootLogin no\n"
+        ),
+        0o644,
+    )?;
+    if !cfg.ssh.enabled {
+        cmd::run(
+            Command::new("systemctl")
+                .arg(format!("--root={}", root.display()))
+                .args(["disable", "ssh.service"]),
+        )?;
+        cmd::run(
+            Command::new("systemctl")
+                .arg(format!("--root={}", root.display()))
+                .args(["mask", "ssh.service", "ssh.socket"]),
+        )?;
+    }
+    Ok(())
+}
+
+fn enable_units(root: &Path, units: &[&str]) -> Result<()> {
+    cmd::run(
+        Command::new("systemctl")
+            .arg(format!("--root={}", root.display()))
+            .arg("enable")
+            .args(units),
+    )
+    .context("enabling units in the image")?;
+    Ok(())
+}
+
+/// Copies a folder tree over `dest`, keeping modes and symlinks; files become root-owned.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let from = src.join(&rel);
+        let to = dest.join(&rel);
+        let meta = from.symlink_metadata()?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            if !to.is_dir() {
+                std::fs::create_dir_all(&to)?;
+                std::fs::set_permissions(&to, meta.permissions())?;
+            }
+            let mut entries: Vec<_> = std::fs::read_dir(&from)?
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            entries.sort();
+            for n in entries {
+                stack.push(rel.join(n));
+            }
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&from)?;
+            if to.symlink_metadata().is_ok() {
+                std::fs::remove_file(&to)?;
+            }
+            symlink(target, &to)?;
+        } else if ft.is_file() {
+            if to
+                .symlink_metadata()
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+            {
+                std::fs::remove_file(&to)?;
+            }
+            std::fs::copy(&from, &to)?;
+            std::fs::set_permissions(&to, meta.permissions())?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves `path` (absolute, inside the image) to a host path under `root`, following
+/// symlinks as the image would, never leaving `root`.
+pub fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf> {
+    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: Vec<std::ffi::OsString> = Path::new(path)
+        .components()
+        .rev()
+        .filter_map(comp_name)
+        .collect();
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            parts.pop();
+            continue;
+        }
+        let mut cur: PathBuf = root.to_path_buf();
+        cur.extend(&parts);
+        cur.push(&c);
+        match cur.symlink_metadata() {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    bail!("too many symlinks resolving {path} in the image");
+                }
+                let target = std::fs::read_link(&cur)?;
+                if target.is_absolute() {
+                    parts.clear();
+                }
+                for t in target.components().rev().filter_map(comp_name) {
+                    pending.push(t);
+                }
+            }
+            _ => parts.push(c),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&parts);
+    Ok(out)
+}
+
+fn comp_name(c: Component<'_>) -> Option<std::ffi::OsString> {
+    match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_relative_and_absolute_links_inside_root() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("boot")).unwrap();
+        std::fs::write(r.join("boot/vmlinuz-6.1"), b"k").unwrap();
+        symlink("boot/vmlinuz-6.1", r.join("vmlinuz")).unwrap();
+        symlink("/boot/vmlinuz-6.1", r.join("abs")).unwrap();
+        symlink("../../../../etc/shadow", r.join("escape")).unwrap();
+        assert_eq!(
+            resolve_in_root(r, "/vmlinuz").unwrap(),
+            r.join("boot/vmlinuz-6.1")
+        );
+        assert_eq!(
+            resolve_in_root(r, "/abs").unwrap(),
+            r.join("boot/vmlinuz-6.1")
+        );
+        // `..` never climbs above the image root.
+        assert_eq!(resolve_in_root(r, "/escape").unwrap(), r.join("etc/shadow"));
+    }
+
+    #[test]
+    fn copy_tree_keeps_modes_and_links() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let dst = t.path().join("dst");
+        std::fs::create_dir_all(src.join("etc/a")).unwrap();
+        std::fs::write(src.join("etc/a/x.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            src.join("etc/a/x.sh"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
+        symlink("x.sh", src.join("etc/a/y")).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        copy_tree(&src, &dst).unwrap();
+        let m = std::fs::metadata(dst.join("etc/a/x.sh")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o750);
+        assert_eq!(
+            std::fs::read_link(dst.join("etc/a/y")).unwrap(),
+            Path::new("x.sh")
+        );
+    }
+
+    #[test]
+    fn fstab_names_both_partitions() {
+        let b = clutch_config::load_board(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
+        )
+        .unwrap();
+        let f = fstab(&b, "R-UUID", "B-UUID");
+        assert!(f.contains("PARTUUID=R-UUID  /  ext4"));
+        assert!(f.contains("PARTUUID=B-UUID  /boot/efi  vfat"));
+    }
+}
