@@ -37,10 +37,18 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// One test at a time boots: two cores do not run two TCG guests well.
-pub fn serial_lock() -> std::sync::MutexGuard<'static, ()> {
-    static L: Mutex<()> = Mutex::new(());
-    L.lock().unwrap_or_else(|e| e.into_inner())
+/// Held while a test boots VMs: two cores do not run several TCG guests well, so boot tests
+/// take turns, also across test processes (an flock on `target/qemu-tests/.boot-lock`).
+pub struct BootLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+pub fn serial_lock() -> BootLock {
+    let f = std::fs::File::create(artifacts().join(".boot-lock")).expect("create boot lock");
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock boot lock");
+    BootLock { _lock: lock }
 }
 
 /// A throwaway ed25519 key pair for logging into test guests.
