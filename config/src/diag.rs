@@ -221,6 +221,22 @@ fn from_toml_error(file: &Path, text: &str, mut path: KeyPath, e: &toml::de::Err
     let message = e.message().trim().to_string();
     // For an unknown key the path stops at its table; name the key itself.
     let mut want_key = false;
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        // A missing key has no span of its own: name it, and point at its table.
+        if let Some(end) = rest.find('`') {
+            let table = path.clone();
+            path = path.key(&rest[..end]);
+            let span = span_of(text, &table, false).unwrap_or(0..0);
+            let (line, col) = line_col(text, span.start);
+            return Diagnostic {
+                file: file.to_path_buf(),
+                line,
+                col,
+                key: path.to_string(),
+                message,
+            };
+        }
+    }
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
             let key = &rest[..end];
