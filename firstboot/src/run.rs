@@ -93,6 +93,12 @@ pub fn run(paths: &Paths, sys: &dyn Sys, sink: &dyn StatusSink, form: bool) -> R
                 node_id: the_plan.node_id.clone(),
                 hostname: the_plan.hostname.to_string(),
                 state_dir: paths.state(""),
+                root: paths.root.clone(),
+                admin_user: loaded
+                    .as_ref()
+                    .ok()
+                    .and_then(|l| l.config.user.as_ref())
+                    .map(|u| u.name.to_string()),
             };
             if let Err(e) = form_cluster(&ctx, sink) {
                 tracing::error!("cluster: {e}");
