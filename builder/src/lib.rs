@@ -10,4 +10,5 @@ pub mod fat;
 pub mod fetch;
 pub mod output;
 pub mod rootfs;
+pub mod serve;
 pub mod stage;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use clutch_builder::{build, data, doctor};
+use clutch_builder::{build, data, doctor, serve};
 use clutch_config::Format;
 
 /// clutch: build bootable cluster-node images from one TOML file.
@@ -46,6 +46,16 @@ enum Cmd {
     },
     /// List the host tools a build needs and whether each is present.
     Doctor,
+    /// Serve a netboot set (the `pxe/` folder of a build) over HTTP: its files with Range
+    /// support, and each node's config at /config/<mac> (DIR/config/<mac12hex>.toml, else
+    /// DIR/config/default.toml, else DIR/clutch.toml). Prints the URL on stdout; logs each
+    /// request on stderr.
+    Serve {
+        dir: PathBuf,
+        /// Address and port to listen on (boot.ipxe defaults to port 8080 on the DHCP server).
+        #[arg(long, default_value = serve::DEFAULT_LISTEN)]
+        listen: String,
+    },
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -59,8 +69,10 @@ fn parse_format(s: &str) -> Result<Format, String> {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, serving: bool) {
     let default = match verbose {
+        // `clutch serve` logs every request at info level.
+        0 if serving => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -111,12 +123,16 @@ fn run(cli: Cli) -> Result<bool> {
             print!("{report}");
             Ok(ok)
         }
+        Cmd::Serve { dir, listen } => {
+            serve::run(&dir, &listen)?;
+            Ok(true)
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Cmd::Serve { .. }));
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
