@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 use clutch_builder::{build, data, doctor, serve};
 use clutch_config::Format;
 
+mod lab;
+
 /// clutch: build bootable cluster-node images from one TOML file.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -46,6 +48,11 @@ enum Cmd {
     },
     /// List the host tools a build needs and whether each is present.
     Doctor,
+    /// A local lab: N VMs of a built amd64 image in a private network namespace.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
+    },
     /// Serve a netboot set (the `pxe/` folder of a build) over HTTP: its files with Range
     /// support, and each node's config at /config/<mac> (DIR/config/<mac12hex>.toml, else
     /// DIR/config/default.toml, else DIR/clutch.toml). Prints the URL on stdout; logs each
@@ -123,6 +130,7 @@ fn run(cli: Cli) -> Result<bool> {
             print!("{report}");
             Ok(ok)
         }
+        Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Serve { dir, listen } => {
             serve::run(&dir, &listen)?;
             Ok(true)

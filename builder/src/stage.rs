@@ -38,6 +38,39 @@ pub fn apply(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
         root,
         &["clutch-firstboot.service", "systemd-networkd.service"],
     )?;
+    if let Some(c) = &inp.cfg.cluster {
+        engine_setup(root, c.engine)?;
+    }
+    Ok(())
+}
+
+/// systemd drop-in for Debian's etcd.service: timing for slow nodes (SD cards, emulated
+/// VMs), where etcd's 100 ms / 1 s defaults make leaders flap. `Environment=` only sets
+/// what clutch's `/etc/default/etcd` (written at formation) leaves out.
+pub const ETCD_DROPIN: &str = "# Written by clutch build ([cluster] engine = \"etcd\").\n\
+[Service]\n\
+Environment=ETCD_HEARTBEAT_INTERVAL=300\n\
+Environment=ETCD_ELECTION_TIMEOUT=3000\n";
+
+/// What the cluster engine needs in the image besides its packages. `etcd`: the packaged
+/// etcd.service is disabled (not masked: clutch enables and starts it once it has written
+/// `/etc/default/etcd`), so no single-node etcd runs before the cluster is formed.
+fn engine_setup(root: &Path, engine: clutch_config::schema::Engine) -> Result<()> {
+    use clutch_config::schema::Engine;
+    if engine == Engine::Etcd {
+        cmd::run(
+            Command::new("systemctl")
+                .arg(format!("--root={}", root.display()))
+                .args(["disable", "etcd.service"]),
+        )
+        .context("disabling the packaged etcd.service in the image")?;
+        write(
+            root,
+            "etc/systemd/system/etcd.service.d/50-clutch.conf",
+            ETCD_DROPIN,
+            0o644,
+        )?;
+    }
     Ok(())
 }
 
