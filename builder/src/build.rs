@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::disk::{self, Ids};
 use crate::fat::{self, FatFile};
-use crate::{atomic, data, doctor, output, rootfs, stage};
+use crate::{atomic, data, doctor, output, pxe, rootfs, stage};
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOpts {
@@ -164,7 +164,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         .clone()
         .unwrap_or_else(|| cfg.image.formats.clone());
     for f in &formats {
-        if matches!(f, Format::Bmap | Format::Pxe) {
+        if matches!(f, Format::Bmap) {
             bail!(
                 "format `{}` is not supported by this build of clutch yet",
                 f.as_str()
@@ -190,7 +190,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let (boot_uuid, root_uuid) = ids.partuuids(board.partition_table);
 
     let mut p = Progress::new(4 + formats.len());
-    let spec = rootfs::RootfsSpec::new(&cfg, &board);
+    let spec = rootfs::RootfsSpec::new(&cfg, &board).with_formats(&formats);
     p.stage(&format!(
         "root filesystem ({} {} , {} packages)",
         spec.suite,
@@ -284,13 +284,29 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             Format::Raw => raw.clone(),
             Format::Qcow2 => out.join(format!("{name}.qcow2")),
             Format::Zst => out.join(format!("{name}.img.zst")),
-            Format::Bmap | Format::Pxe => unreachable!("rejected above"),
+            Format::Pxe => out.join(pxe::SET_DIR),
+            Format::Bmap => unreachable!("rejected above"),
         };
         match f {
             Format::Raw => pending.add_existing(raw_tmp.clone(), dest.clone()),
             Format::Qcow2 => pending.add(dest.clone(), |tmp| output::qcow2(&raw_tmp, tmp))?,
             Format::Zst => pending.add(dest.clone(), |tmp| output::zstd(&raw_tmp, tmp))?,
-            Format::Bmap | Format::Pxe => unreachable!("rejected above"),
+            Format::Pxe => {
+                let node_config = node_config_toml(&cfg)?;
+                let summary = pxe::write(
+                    &mut pending,
+                    &out,
+                    &pxe::PxeInputs {
+                        staging: &staging,
+                        cfg: &cfg,
+                        board: &board,
+                        name: &name,
+                        node_config: &node_config,
+                    },
+                )?;
+                eprintln!("clutch:       {summary}");
+            }
+            Format::Bmap => unreachable!("rejected above"),
         }
         p.done(&dest.display().to_string());
     }

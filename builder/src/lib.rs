@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod fat;
 pub mod fetch;
 pub mod output;
+pub mod pxe;
 pub mod rootfs;
 pub mod serve;
 pub mod stage;

@@ -35,10 +35,14 @@ impl Pending {
         let mut lines = String::new();
         for (tmp, dest) in &self.items {
             let h = fetch::hash_file(tmp)?;
-            let name = dest
-                .file_name()
-                .context("artifact without a name")?
-                .to_string_lossy();
+            // Relative to SHA256SUMS's folder (`pxe/vmlinuz`), so `sha256sum -c` works there.
+            let name = match sums.parent().and_then(|d| dest.strip_prefix(d).ok()) {
+                Some(rel) if !rel.as_os_str().is_empty() => rel.to_string_lossy(),
+                _ => dest
+                    .file_name()
+                    .context("artifact without a name")?
+                    .to_string_lossy(),
+            };
             lines.push_str(&format!("{h}  {name}\n"));
         }
         for (tmp, dest) in &self.items {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use clutch_config::{Board, Engine, ImageConfig};
+use clutch_config::{Board, Engine, Format, ImageConfig};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -31,6 +31,16 @@ pub const BASE_PACKAGES: &[&str] = &[
     "tzdata",
     "ca-certificates",
 ];
+
+/// Packages an output format needs in the root filesystem. `pxe`: Debian's live-boot, whose
+/// initramfs hooks (run when it is installed) put DHCP, busybox `wget` and the network drivers
+/// into the kernel's initrd, so `boot=live fetch=<url>` can download and mount the squashfs.
+pub fn format_packages(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::Pxe => &["live-boot", "live-boot-initramfs-tools"],
+        _ => &[],
+    }
+}
 
 /// Packages an engine needs on the node.
 pub fn engine_packages(engine: Engine) -> &'static [&'static str] {
@@ -79,6 +89,16 @@ impl RootfsSpec {
             components: board.components.clone(),
             packages,
         }
+    }
+
+    /// Adds what the requested output formats need (only `pxe` needs anything), so images
+    /// built without `pxe` keep their cache key.
+    pub fn with_formats(mut self, formats: &[Format]) -> Self {
+        for f in formats {
+            self.packages
+                .extend(format_packages(*f).iter().map(|s| s.to_string()));
+        }
+        self
     }
 
     /// The cache key: sha256 over the canonical JSON of the spec.
@@ -174,6 +194,20 @@ mod tests {
         assert!(more.packages.contains("htop"));
         let other_suite = RootfsSpec::new(&cfg("suite = \"bookworm\""), &b);
         assert_ne!(a.key(), other_suite.key());
+    }
+
+    #[test]
+    fn pxe_adds_live_boot_and_changes_the_key_only_for_pxe() {
+        let b = board();
+        let plain = RootfsSpec::new(&cfg(""), &b);
+        let disk = plain
+            .clone()
+            .with_formats(&[Format::Raw, Format::Qcow2, Format::Zst]);
+        assert_eq!(plain.key(), disk.key());
+        let pxe = plain.clone().with_formats(&[Format::Raw, Format::Pxe]);
+        assert_ne!(plain.key(), pxe.key());
+        assert!(pxe.packages.contains("live-boot"));
+        assert!(pxe.packages.contains("live-boot-initramfs-tools"));
     }
 
     #[test]
