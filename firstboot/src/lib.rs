@@ -14,6 +14,7 @@ pub mod grow;
 pub mod links;
 pub mod load;
 pub mod loopdev;
+pub mod netconfig;
 pub mod plan;
 pub mod render;
 pub mod run;

@@ -76,6 +76,16 @@ fn real_main(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.root, boot_dir(&cli.root, cli.boot_dir));
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
+            // Netboot (`clutch.config=` on the kernel command line): clutch.toml comes from
+            // the server. Nothing happens on a disk image.
+            match clutch_firstboot::netconfig::prepare_from_server(&paths) {
+                Ok(Some(url)) => tracing::info!("node config fetched from {url}"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("{e}");
+                    println!("clutch: {e}");
+                }
+            }
             let board = StatusBoard::new(
                 paths.status_file(),
                 Box::new(|line| {

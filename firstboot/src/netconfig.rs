@@ -1,0 +1,374 @@
+//! Netboot: the node config comes from the server, not from a FAT partition.
+//!
+//! A netbooted node (the `pxe` output of `clutch build`) has `clutch.config=<url>` on its
+//! kernel command line, its MAC already in the URL (iPXE fills it in). Before the usual
+//! loading, [`prepare`] downloads that URL (plain HTTP; the initramfs already brought the link
+//! up to fetch the root filesystem) and writes it as `clutch.toml` in the boot folder, which
+//! on a netbooted node is part of the RAM overlay. Everything after that is the same as on a
+//! disk image. Without the kernel argument nothing happens.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::facts::Paths;
+use crate::load::CLUTCH_TOML;
+
+pub const CMDLINE_KEY: &str = "clutch.config=";
+
+/// The config URL from a kernel command line (the last one wins, as the kernel does).
+pub fn config_url(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|a| a.strip_prefix(CMDLINE_KEY))
+        .filter(|u| !u.is_empty())
+        .next_back()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub host: String,
+    pub port: u16,
+    /// Starts with `/`.
+    pub path: String,
+}
+
+/// `http://host[:port]/path`; IPv6 hosts in brackets. No https (the node has no CA to trust
+/// for a LAN server yet; the set itself came over plain HTTP too).
+pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url}: unclosed [ in the host"))?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| format!("{url}: bad port `{p}`"))?,
+        None => 80,
+    };
+    Ok(HttpUrl {
+        host: host.to_string(),
+        port,
+        path: path.to_string(),
+    })
+}
+
+/// The body of a complete HTTP response, or why it is not a usable 200.
+pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of the HTTP headers")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line
+        .split_ascii_whitespace()
+        .nth(1)
+        .ok_or_else(|| format!("bad status line `{status_line}`"))?;
+    if code != "200" {
+        return Err(format!("the server answered `{status_line}`"));
+    }
+    let body = &raw[end + 4..];
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                let n: usize = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad Content-Length `{}`", v.trim()))?;
+                if body.len() < n {
+                    return Err(format!("short body: {} of {n} bytes", body.len()));
+                }
+                return Ok(body[..n].to_vec());
+            }
+            if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err("chunked responses are not supported".into());
+            }
+        }
+    }
+    Ok(body.to_vec())
+}
+
+/// How the config is downloaded (a fake in tests).
+pub trait Fetch {
+    fn get(&self, url: &str) -> Result<String, String>;
+}
+
+/// HTTP/1.0 GET over a plain TCP connection (no chunking to handle), 5 s to connect, 20 s
+/// for the answer.
+pub struct HttpFetch;
+
+impl Fetch for HttpFetch {
+    fn get(&self, url: &str) -> Result<String, String> {
+        let u = parse_http_url(url)?;
+        let addr = (u.host.as_str(), u.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("{}: {e}", u.host))?
+            .next()
+            .ok_or_else(|| format!("{}: no address", u.host))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let host = if u.host.contains(':') {
+            format!("[{}]:{}", u.host, u.port)
+        } else {
+            format!("{}:{}", u.host, u.port)
+        };
+        write!(
+            s,
+            "GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: clutch-firstboot\r\nAccept: application/toml, */*\r\n\r\n",
+            u.path
+        )
+        .map_err(|e| format!("sending the request to {addr}: {e}"))?;
+        let mut raw = Vec::new();
+        s.take(1 << 20)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("reading the answer from {addr}: {e}"))?;
+        let body = parse_response(&raw)?;
+        String::from_utf8(body).map_err(|_| "the config is not UTF-8".to_string())
+    }
+}
+
+/// Writes `text` to `dest` through a temporary name in the same folder (mode 0600: it may hold
+/// the cluster token until the loader moves it to /var/lib/clutch).
+fn write_atomic(dest: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = dest.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = dest.with_extension("toml.part");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dest)
+}
+
+/// On a netbooted node (`clutch.config=` on the kernel command line), downloads the node
+/// config into the boot folder as `clutch.toml`, trying `attempts` times `pause` apart.
+/// Returns the URL it came from, `None` when the node is not netbooted.
+pub fn prepare(
+    paths: &Paths,
+    fetch: &dyn Fetch,
+    attempts: u32,
+    pause: &dyn Fn(),
+) -> Result<Option<String>, String> {
+    let cmdline = std::fs::read_to_string(paths.host("/proc/cmdline")).unwrap_or_default();
+    let Some(url) = config_url(&cmdline) else {
+        return Ok(None);
+    };
+    let dest = paths.host(paths.boot_file(CLUTCH_TOML));
+    let mut last = String::new();
+    for i in 0..attempts.max(1) {
+        if i > 0 {
+            pause();
+        }
+        match fetch.get(url) {
+            Ok(text) => {
+                write_atomic(&dest, &text).map_err(|e| {
+                    format!(
+                        "writing the node config from {url} to {}: {e}",
+                        dest.display()
+                    )
+                })?;
+                return Ok(Some(url.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!("node config from {url}: {e} (attempt {})", i + 1);
+                last = e;
+            }
+        }
+    }
+    Err(format!(
+        "cannot fetch the node config from {url} (clutch.config= on the kernel command line): {last}"
+    ))
+}
+
+/// What the service calls: [`prepare`] with HTTP, 30 tries 2 s apart.
+pub fn prepare_from_server(paths: &Paths) -> Result<Option<String>, String> {
+    prepare(paths, &HttpFetch, 30, &|| {
+        std::thread::sleep(Duration::from_secs(2))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::net::TcpListener;
+
+    #[test]
+    fn url_from_cmdline() {
+        let c = "BOOT_IMAGE=x boot=live clutch.config=http://10.0.2.100/config/52-54-00-12-34-56 quiet\n";
+        assert_eq!(
+            config_url(c),
+            Some("http://10.0.2.100/config/52-54-00-12-34-56")
+        );
+        assert_eq!(config_url("root=/dev/vda2 rw"), None);
+        assert_eq!(config_url("clutch.config="), None);
+        assert_eq!(
+            config_url("clutch.config=http://a/1 clutch.config=http://b/2"),
+            Some("http://b/2")
+        );
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_http_url("http://10.0.2.100/config/x").unwrap(),
+            HttpUrl {
+                host: "10.0.2.100".into(),
+                port: 80,
+                path: "/config/x".into()
+            }
+        );
+        let u = parse_http_url("http://boot.lan:8080").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("boot.lan", 8080, "/")
+        );
+        let u = parse_http_url("http://[fd00::1]:8080/c").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("fd00::1", 8080));
+        assert!(parse_http_url("https://x/").is_err());
+        assert!(parse_http_url("http://x:port/").is_err());
+        assert!(parse_http_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef").unwrap(),
+            b"abc"
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.0 200 OK\r\n\r\nall of it").unwrap(),
+            b"all of it"
+        );
+        let e = parse_response(b"HTTP/1.1 404 Not Found\r\n\r\nnot found").unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    struct Flaky {
+        fail_first: u32,
+        calls: Cell<u32>,
+    }
+    impl Fetch for Flaky {
+        fn get(&self, url: &str) -> Result<String, String> {
+            self.calls.set(self.calls.get() + 1);
+            if self.calls.get() <= self.fail_first {
+                Err("connection refused".into())
+            } else {
+                Ok(format!("# from {url}\n"))
+            }
+        }
+    }
+
+    fn node(cmdline: &str) -> (tempfile::TempDir, Paths) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("proc")).unwrap();
+        std::fs::write(t.path().join("proc/cmdline"), cmdline).unwrap();
+        let p = Paths::new(t.path(), "/boot/efi");
+        (t, p)
+    }
+
+    #[test]
+    fn not_netbooted_does_nothing() {
+        let (t, p) = node("root=PARTUUID=x rw\n");
+        let f = Flaky {
+            fail_first: 0,
+            calls: Cell::new(0),
+        };
+        assert_eq!(prepare(&p, &f, 3, &|| {}), Ok(None));
+        assert_eq!(f.calls.get(), 0);
+        assert!(!t.path().join("boot/efi/clutch.toml").exists());
+    }
+
+    #[test]
+    fn retries_then_writes_clutch_toml() {
+        let (t, p) = node("boot=live clutch.config=http://s/config/aa\n");
+        let pauses = Cell::new(0);
+        let f = Flaky {
+            fail_first: 2,
+            calls: Cell::new(0),
+        };
+        let got = prepare(&p, &f, 5, &|| pauses.set(pauses.get() + 1)).unwrap();
+        assert_eq!(got.as_deref(), Some("http://s/config/aa"));
+        assert_eq!((f.calls.get(), pauses.get()), (3, 2));
+        let dest = t.path().join("boot/efi/clutch.toml");
+        assert_eq!(
+            std::fs::read_to_string(&dest).unwrap(),
+            "# from http://s/config/aa\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn gives_up_with_the_url_and_the_reason() {
+        let (t, p) = node("clutch.config=http://s/config/aa");
+        let f = Flaky {
+            fail_first: 99,
+            calls: Cell::new(0),
+        };
+        let e = prepare(&p, &f, 3, &|| {}).unwrap_err();
+        assert!(
+            e.contains("http://s/config/aa") && e.contains("connection refused"),
+            "{e}"
+        );
+        assert_eq!(f.calls.get(), 3);
+        assert!(!t.path().join("boot/efi/clutch.toml").exists());
+    }
+
+    /// The real client against a one-shot server on loopback.
+    #[test]
+    fn http_fetch_over_loopback() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nhostname = \"rack-a1\"\n\n")
+                .unwrap();
+            req
+        });
+        let body = HttpFetch
+            .get(&format!("http://127.0.0.1:{port}/config/52-54-00-12-34-56"))
+            .unwrap();
+        assert_eq!(body, "hostname = \"rack-a1\"\n\n");
+        let req = server.join().unwrap();
+        assert!(
+            req.starts_with("GET /config/52-54-00-12-34-56 HTTP/1.0\r\n"),
+            "{req}"
+        );
+        assert!(req.contains(&format!("Host: 127.0.0.1:{port}\r\n")));
+    }
+}
