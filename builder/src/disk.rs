@@ -138,8 +138,49 @@ pub fn create_with_table(path: &Path, board: &Board, layout: &Layout, ids: &Ids)
     f.set_len(layout.total)?;
     match board.partition_table {
         PartitionTable::Gpt => write_gpt(f, board, layout, ids),
-        PartitionTable::Mbr => bail!("MBR partition tables are not built yet (issue 5)"),
+        PartitionTable::Mbr => write_mbr(f, layout, ids),
     }
+}
+
+/// MBR partition type of a FAT32 partition addressed by LBA.
+pub const MBR_FAT32_LBA: u8 = 0x0c;
+/// MBR partition type of a Linux file system.
+pub const MBR_LINUX: u8 = 0x83;
+
+/// The two MBR partition entries of a layout: FAT32 (LBA) boot, Linux root.
+pub fn mbr_entries(layout: &Layout) -> Result<[mbrman::MBRPartitionEntry; 2]> {
+    let lba = |b: u64, what: &str| {
+        u32::try_from(b / SECTOR).with_context(|| {
+            format!("the {what} is beyond the 2 TiB an MBR partition table can address")
+        })
+    };
+    let entry = |e: Extent, sys: u8, what: &str| -> Result<mbrman::MBRPartitionEntry> {
+        Ok(mbrman::MBRPartitionEntry {
+            boot: mbrman::BOOT_INACTIVE,
+            first_chs: mbrman::CHS::empty(),
+            sys,
+            last_chs: mbrman::CHS::empty(),
+            starting_lba: lba(e.start, what)?,
+            sectors: lba(e.size, what)?,
+        })
+    };
+    Ok([
+        entry(layout.boot, MBR_FAT32_LBA, "boot partition")?,
+        entry(layout.root, MBR_LINUX, "root partition")?,
+    ])
+}
+
+fn write_mbr(mut f: File, layout: &Layout, ids: &Ids) -> Result<()> {
+    // The kernel's PARTUUID for MBR disks is the disk signature (little-endian at byte 440)
+    // printed as 8 hex digits, then `-NN`.
+    let mut mbr = mbrman::MBR::new_from(&mut f, SECTOR as u32, ids.mbr_disk_id.to_le_bytes())
+        .context("creating the MBR")?;
+    let [boot, root] = mbr_entries(layout)?;
+    mbr[1] = boot;
+    mbr[2] = root;
+    mbr.write_into(&mut f).context("writing the MBR")?;
+    f.sync_all()?;
+    Ok(())
 }
 
 fn write_gpt(mut f: File, board: &Board, layout: &Layout, ids: &Ids) -> Result<()> {
@@ -355,6 +396,72 @@ mod tests {
             let code = std::fs::read("/usr/lib/syslinux/mbr/gptmbr.bin").unwrap();
             assert_eq!(&mbr[..64], &code[..64]);
             assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+        }
+    }
+
+    fn rpi_board() -> Board {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/rpi4.toml");
+        clutch_config::load_board(&p).unwrap()
+    }
+
+    #[test]
+    fn mbr_layout_is_4mib_aligned_fat32_lba_then_linux() {
+        let b = rpi_board();
+        assert_eq!(b.partition_table, PartitionTable::Mbr);
+        let l = plan(&b, ImageSize::Auto, 300 << 20).unwrap();
+        let a = 4 << 20;
+        for e in [l.boot, l.root] {
+            assert_eq!(e.start % a, 0);
+            assert_eq!(e.size % a, 0);
+        }
+        assert!(l.boot.end() <= l.root.start);
+        assert_eq!(
+            l.total,
+            l.root.end(),
+            "no backup table at the end of an MBR disk"
+        );
+        let [boot, root] = mbr_entries(&l).unwrap();
+        assert_eq!((boot.sys, root.sys), (0x0c, 0x83));
+        assert_eq!(u64::from(root.starting_lba) * SECTOR, l.root.start);
+    }
+
+    #[test]
+    fn mbr_table_on_a_plain_file_matches_the_partuuids() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("d.img");
+        let b = rpi_board();
+        let l = plan(&b, ImageSize::Auto, 64 << 20).unwrap();
+        let ids = Ids::from_seed("t");
+        create_with_table(&img, &b, &l, &ids).unwrap();
+        let mut f = File::open(&img).unwrap();
+        let mbr = mbrman::MBR::read_from(&mut f, 512).unwrap();
+        let used: Vec<_> = mbr.iter().filter(|(_, p)| p.is_used()).collect();
+        assert_eq!(used.len(), 2);
+        assert_eq!(mbr[1].sys, 0x0c);
+        assert_eq!(u64::from(mbr[1].starting_lba) * SECTOR, l.boot.start);
+        assert_eq!(u64::from(mbr[1].sectors) * SECTOR, l.boot.size);
+        assert_eq!(mbr[2].sys, 0x83);
+        assert_eq!(
+            u64::from(mbr[2].starting_lba + mbr[2].sectors) * SECTOR,
+            l.root.end()
+        );
+        // What the kernel will call the partitions is what cmdline.txt and fstab say.
+        let raw = read_at(&img, 0, 512).unwrap();
+        let sig = u32::from_le_bytes(raw[440..444].try_into().unwrap());
+        let (bp, rp) = ids.partuuids(PartitionTable::Mbr);
+        assert_eq!(bp, format!("{sig:08x}-01"));
+        assert_eq!(rp, format!("{sig:08x}-02"));
+        assert_eq!(&raw[510..], &[0x55, 0xaa]);
+        // And util-linux agrees, when it is here.
+        if let Ok(o) = Command::new("sfdisk").arg("--json").arg(&img).output() {
+            if o.status.success() {
+                let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let pt = &j["partitiontable"];
+                assert_eq!(pt["label"], "dos");
+                assert_eq!(pt["id"], format!("0x{sig:08x}"));
+                assert_eq!(pt["partitions"][0]["type"], "c");
+                assert_eq!(pt["partitions"][1]["type"], "83");
+            }
         }
     }
 }
