@@ -78,15 +78,45 @@ fn config_name(p: &Path) -> String {
         .unwrap_or_else(|| "image".into())
 }
 
-/// The `clutch-firstboot` binary for the board's architecture.
-fn find_firstboot(explicit: Option<&Path>, board: &Board) -> Result<PathBuf> {
-    let p = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let exe = std::env::current_exe().context("locating the clutch binary")?;
-            exe.with_file_name("clutch-firstboot")
+/// The `clutch-firstboot` binary for the board's architecture: `--firstboot-bin`, else the
+/// one next to `clutch` when it is for the board's architecture, else (another architecture)
+/// cross-built from the clutch source tree in the data folder (see `cross`).
+fn find_firstboot(
+    explicit: Option<&Path>,
+    board: &Board,
+    data_dir: &Path,
+    cache: &Path,
+    mirror: &str,
+) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        check_firstboot(p, board)?;
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("locating the clutch binary")?;
+    let next_to_us = exe.with_file_name("clutch-firstboot");
+    if board.arch != crate::cross::host_arch() && crate::cross::is_source_tree(data_dir) {
+        if next_to_us.is_file() && check_firstboot(&next_to_us, board).is_ok() {
+            return Ok(next_to_us);
         }
-    };
+        eprintln!(
+            "clutch: cross-building clutch-firstboot for {} (cached per source change)",
+            board.arch
+        );
+        return crate::cross::ensure_firstboot(cache, data_dir, &board.arch, mirror).with_context(
+            || {
+                format!(
+                    "no {} clutch-firstboot (or pass --firstboot-bin)",
+                    board.arch
+                )
+            },
+        );
+    }
+    check_firstboot(&next_to_us, board)?;
+    Ok(next_to_us)
+}
+
+/// Fails unless `p` is a Linux ELF binary for the board's architecture.
+fn check_firstboot(p: &Path, board: &Board) -> Result<()> {
     if !p.is_file() {
         bail!(
             "no clutch-firstboot binary at {} (build it with `cargo build --release`, or pass --firstboot-bin)",
@@ -98,7 +128,7 @@ fn find_firstboot(explicit: Option<&Path>, board: &Board) -> Result<PathBuf> {
         "arm64" => 0xb7,
         other => bail!("no known ELF machine for Debian arch {other}"),
     };
-    let head = disk::read_at(&p, 0, 20).with_context(|| format!("reading {}", p.display()))?;
+    let head = disk::read_at(p, 0, 20).with_context(|| format!("reading {}", p.display()))?;
     let machine = u16::from_le_bytes([head[18], head[19]]);
     if &head[..4] != b"\x7fELF" || machine != want {
         bail!(
@@ -107,7 +137,7 @@ fn find_firstboot(explicit: Option<&Path>, board: &Board) -> Result<PathBuf> {
             board.arch
         );
     }
-    Ok(p)
+    Ok(())
 }
 
 /// The node config as written to the FAT partition: the wifi passphrase is replaced by the
@@ -172,7 +202,6 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         }
     }
     doctor::require(&doctor::needed_for(&board, &formats))?;
-    let firstboot = find_firstboot(opts.firstboot_bin.as_deref(), &board)?;
     let unit = data.0.join("firstboot/clutch-firstboot.service");
     let name = config_name(&opts.config);
     let out = opts
@@ -182,6 +211,13 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let cache = opts.cache.clone().unwrap_or_else(default_cache);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let firstboot = find_firstboot(
+        opts.firstboot_bin.as_deref(),
+        &board,
+        &data.0,
+        &cache,
+        cfg.mirror(),
+    )?;
 
     // Everything that shapes the image seeds its identifiers.
     let board_text = std::fs::read_to_string(data.board_path(cfg.board.as_str()))?;
@@ -338,7 +374,7 @@ fn collect_boot_files(
 ) -> Result<Vec<FatFile>> {
     let mut files = Vec::new();
     for f in &board.boot.files {
-        let src = stage::resolve_in_root(staging, &f.from)?;
+        let src = crate::bootfiles::resolve_pattern(staging, &f.from)?.unwrap_or_default();
         if src.is_dir() {
             add_dir(&src, &f.to, &mut files)?;
         } else if src.is_file() {

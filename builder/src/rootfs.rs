@@ -59,6 +59,10 @@ pub struct RootfsSpec {
     pub mirror: String,
     pub components: Vec<String>,
     pub packages: BTreeSet<String>,
+    /// Set (to `foreign::FOREIGN_RECIPE`) when the root filesystem is for another
+    /// architecture than the host's and is built under emulation with extra hooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign: Option<u32>,
 }
 
 impl RootfsSpec {
@@ -88,6 +92,8 @@ impl RootfsSpec {
             mirror: cfg.mirror().to_string(),
             components: board.components.clone(),
             packages,
+            foreign: (board.arch != crate::cross::host_arch())
+                .then_some(crate::foreign::FOREIGN_RECIPE),
         }
     }
 
@@ -120,8 +126,14 @@ pub fn ensure(cache: &Path, spec: &RootfsSpec) -> Result<(PathBuf, bool)> {
     }
     let tmp = atomic::temp_path(&tar);
     let mut guard = atomic::TempGuard::new(tmp.clone());
+    if spec.foreign.is_some() {
+        crate::foreign::ensure_binfmt(&spec.arch)?;
+    }
     let pkgs: Vec<&str> = spec.packages.iter().map(String::as_str).collect();
     let mut c = Command::new("mmdebstrap");
+    if spec.foreign.is_some() {
+        c.args(crate::foreign::mmdebstrap_args());
+    }
     c.arg("--mode=root")
         .arg("--variant=apt")
         .arg("--format=tar")

@@ -83,6 +83,8 @@ pub enum BootKind {
 #[serde(deny_unknown_fields)]
 pub struct BootFile {
     /// Path inside the root filesystem (symlinks followed). A directory is copied whole.
+    /// Components may hold `*` wildcards (`/usr/lib/linux-image-*/broadcom/x.dtb`); when
+    /// several paths match, the last in version order (the newest kernel) is taken.
     pub from: String,
     /// Path on the boot partition.
     pub to: String,
