@@ -6,14 +6,26 @@
 //! up to fetch the root filesystem) and writes it as `clutch.toml` in the boot folder, which
 //! on a netbooted node is part of the RAM overlay. Everything after that is the same as on a
 //! disk image. Without the kernel argument nothing happens.
+//!
+//! Storage: a netbooted root lives in RAM, and so would the loopback backing files under
+//! `/var/lib/clutch/storage`. When a local block device carries an ext4 file system labelled
+//! [`STORAGE_LABEL`] (made once with `mkfs.ext4 -L clutch-storage /dev/sdX`), [`place_storage`]
+//! mounts it there first, so the loopback devices live on that disk and survive reboots;
+//! otherwise they stay in RAM. Either way one console line says where they are.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::facts::Paths;
+use std::path::PathBuf;
+
+use crate::facts::{Paths, STATE_DIR};
 use crate::load::CLUTCH_TOML;
+use crate::sys::Sys;
+
+/// The ext4 label of a local file system that holds a netbooted node's loopback storage.
+pub const STORAGE_LABEL: &str = "clutch-storage";
 
 pub const CMDLINE_KEY: &str = "clutch.config=";
 
@@ -132,12 +144,12 @@ impl Fetch for HttpFetch {
         } else {
             format!("{}:{}", u.host, u.port)
         };
-        write!(
-            s,
+        let req = format!(
             "GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: clutch-firstboot\r\nAccept: application/toml, */*\r\n\r\n",
             u.path
-        )
-        .map_err(|e| format!("sending the request to {addr}: {e}"))?;
+        );
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("sending the request to {addr}: {e}"))?;
         let mut raw = Vec::new();
         s.take(1 << 20)
             .read_to_end(&mut raw)
@@ -206,11 +218,90 @@ pub fn prepare(
     ))
 }
 
-/// What the service calls: [`prepare`] with HTTP, 30 tries 2 s apart.
+/// What the service calls: [`prepare`] with HTTP, 30 tries 2 s apart; on a netbooted node
+/// then [`place_storage`], with its console line.
 pub fn prepare_from_server(paths: &Paths) -> Result<Option<String>, String> {
-    prepare(paths, &HttpFetch, 30, &|| {
+    let url = prepare(paths, &HttpFetch, 30, &|| {
         std::thread::sleep(Duration::from_secs(2))
+    })?;
+    if url.is_some() {
+        match place_storage(paths, &crate::sys::RealSys) {
+            Ok(home) => println!("{}", home.line()),
+            Err(e) => println!(
+                "clutch: netboot: local storage disk not used ({e}); {}",
+                StorageHome::Ram.line()
+            ),
+        }
+    }
+    Ok(url)
+}
+
+/// The volume label of an ext2/3/4 file system, from its first 2 KiB (magic 0xEF53 at
+/// byte 1080, label at 1144..1160).
+pub fn ext4_label(head: &[u8]) -> Option<String> {
+    if head.get(1080..1082)? != [0x53, 0xEF] {
+        return None;
+    }
+    let raw = head.get(1144..1160)?;
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    Some(String::from_utf8_lossy(&raw[..end]).into_owned())
+}
+
+/// The first local block device (by name) with an ext4 labelled [`STORAGE_LABEL`], as a node
+/// path (`/dev/vdb`). Loop, RAM, zram, optical and network block devices are not looked at.
+pub fn find_storage_device(paths: &Paths) -> Option<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(paths.host("/sys/class/block"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !["loop", "ram", "zram", "sr", "nbd", "fd"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|n| {
+        let dev = PathBuf::from("/dev").join(&n);
+        let mut head = vec![0u8; 2048];
+        let mut f = std::fs::File::open(paths.host(&dev)).ok()?;
+        f.read_exact(&mut head).ok()?;
+        (ext4_label(&head)? == STORAGE_LABEL).then_some(dev)
     })
+}
+
+/// Where a netbooted node's loopback storage lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageHome {
+    Disk(PathBuf),
+    Ram,
+}
+
+impl StorageHome {
+    /// The console line (said once per boot, before the phase lines).
+    pub fn line(&self) -> String {
+        match self {
+            StorageHome::Disk(d) => format!(
+                "clutch: netboot: loopback storage on local disk {} (ext4 labelled {STORAGE_LABEL}) at {STATE_DIR}/storage",
+                d.display()
+            ),
+            StorageHome::Ram => format!(
+                "clutch: netboot: loopback storage in RAM (no local file system labelled {STORAGE_LABEL}): its data is lost at power-off"
+            ),
+        }
+    }
+}
+
+/// Mounts the [`STORAGE_LABEL`] file system on `/var/lib/clutch/storage` when there is one.
+pub fn place_storage(paths: &Paths, sys: &dyn Sys) -> Result<StorageHome, String> {
+    let Some(dev) = find_storage_device(paths) else {
+        return Ok(StorageHome::Ram);
+    };
+    let target = paths.state("storage");
+    std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    sys.mount(&paths.host(&dev), &target, "ext4")
+        .map_err(|e| format!("mounting {} on {}: {e}", dev.display(), target.display()))?;
+    Ok(StorageHome::Disk(dev))
 }
 
 #[cfg(test)]
@@ -346,6 +437,60 @@ mod tests {
         assert!(!t.path().join("boot/efi/clutch.toml").exists());
     }
 
+    fn ext4_head(label: &str) -> Vec<u8> {
+        let mut h = vec![0u8; 4096];
+        h[1080] = 0x53;
+        h[1081] = 0xEF;
+        h[1144..1144 + label.len()].copy_from_slice(label.as_bytes());
+        h
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(
+            ext4_label(&ext4_head("clutch-storage")).as_deref(),
+            Some("clutch-storage")
+        );
+        assert_eq!(ext4_label(&ext4_head("")).as_deref(), Some(""));
+        assert_eq!(ext4_label(&[0u8; 4096]), None);
+        assert_eq!(ext4_label(&[0u8; 100]), None);
+    }
+
+    #[test]
+    fn storage_goes_to_the_labelled_disk_else_ram() {
+        let (t, p) = node("clutch.config=http://s/c");
+        let r = t.path();
+        for d in [
+            "sys/class/block/loop0",
+            "sys/class/block/vda",
+            "sys/class/block/vdb",
+            "dev",
+        ] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::write(r.join("dev/loop0"), ext4_head("clutch-storage")).unwrap();
+        std::fs::write(r.join("dev/vda"), ext4_head("other")).unwrap();
+        std::fs::write(r.join("dev/vdb"), vec![0u8; 4096]).unwrap();
+        let sys = crate::sys::FakeSys::new();
+        assert_eq!(place_storage(&p, &sys), Ok(StorageHome::Ram));
+        assert!(sys.calls(r).is_empty(), "a loop device is never used");
+        assert!(StorageHome::Ram.line().contains("in RAM"));
+
+        std::fs::write(r.join("dev/vdb"), ext4_head("clutch-storage")).unwrap();
+        let home = place_storage(&p, &sys).unwrap();
+        assert_eq!(home, StorageHome::Disk("/dev/vdb".into()));
+        assert_eq!(
+            sys.calls(r),
+            ["mount $ROOT/dev/vdb $ROOT/var/lib/clutch/storage ext4"]
+        );
+        assert!(r.join("var/lib/clutch/storage").is_dir());
+        assert!(
+            home.line().contains("on local disk /dev/vdb"),
+            "{}",
+            home.line()
+        );
+    }
+
     /// The real client against a one-shot server on loopback.
     #[test]
     fn http_fetch_over_loopback() {
@@ -353,9 +498,14 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
             let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).unwrap();
-            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "request cut short");
+                req.extend_from_slice(&buf[..n]);
+            }
+            let req = String::from_utf8_lossy(&req).into_owned();
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nhostname = \"rack-a1\"\n\n")
                 .unwrap();
             req
