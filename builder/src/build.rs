@@ -1,7 +1,6 @@
 //! `clutch build`: config -> root filesystem -> staged tree -> disk image -> outputs.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clutch_config::{Board, Format, ImageConfig};
@@ -9,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::disk::{self, Ids};
 use crate::fat::{self, FatFile};
-use crate::{atomic, data, doctor, output, pxe, rootfs, stage};
+use crate::{atomic, bmap, data, doctor, manifest, output, pxe, repro, rootfs, stage};
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOpts {
@@ -26,41 +25,13 @@ pub struct BuildResult {
     pub main_artifact: PathBuf,
     pub artifacts: Vec<PathBuf>,
     pub rootfs_cached: bool,
+    /// Every artifact with size and sha256 (manifest.json included).
+    pub written: Vec<output::Written>,
+    pub seconds: f64,
 }
 
-/// Progress: one line per stage on stderr (stdout carries only the result).
-pub struct Progress {
-    total: usize,
-    n: usize,
-    start: Instant,
-    stage_start: Instant,
-}
-
-impl Progress {
-    pub fn new(total: usize) -> Self {
-        let now = Instant::now();
-        Progress {
-            total,
-            n: 0,
-            start: now,
-            stage_start: now,
-        }
-    }
-    pub fn stage(&mut self, what: &str) {
-        self.n += 1;
-        self.stage_start = Instant::now();
-        eprintln!("clutch: [{}/{}] {what}", self.n, self.total);
-    }
-    pub fn done(&self, detail: &str) {
-        eprintln!(
-            "clutch:       {detail} ({:.1}s)",
-            self.stage_start.elapsed().as_secs_f64()
-        );
-    }
-    pub fn elapsed(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
-    }
-}
+/// Progress per stage (indicatif on a terminal, plain lines otherwise).
+pub use crate::progress::Progress;
 
 pub fn default_cache() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
@@ -177,6 +148,14 @@ pub fn kernel_cmdline(cfg: &ImageConfig, board: &Board, root_partuuid: &str) -> 
     args.join(" ")
 }
 
+/// Removes a folder when dropped if it is empty.
+struct EmptyDirGuard(PathBuf);
+impl Drop for EmptyDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Removes a folder tree when dropped.
 struct DirGuard(PathBuf);
 impl Drop for DirGuard {
@@ -193,13 +172,8 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         .formats
         .clone()
         .unwrap_or_else(|| cfg.image.formats.clone());
-    for f in &formats {
-        if matches!(f, Format::Bmap) {
-            bail!(
-                "format `{}` is not supported by this build of clutch yet",
-                f.as_str()
-            );
-        }
+    if formats.is_empty() {
+        bail!("no output format requested (raw, qcow2, zst, bmap, pxe)");
     }
     doctor::require(&doctor::needed_for(&board, &formats))?;
     let unit = data.0.join("firstboot/clutch-firstboot.service");
@@ -209,6 +183,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(&name));
     let cache = opts.cache.clone().unwrap_or_else(default_cache);
+    // An output folder this build made is removed again if the build fails before
+    // anything was moved into it: a failed build leaves no trace in --out.
+    let _out_guard = (!out.exists()).then(|| EmptyDirGuard(out.clone()));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let firstboot = find_firstboot(
@@ -268,6 +245,8 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     )?;
     let cmdline = kernel_cmdline(&cfg, &board, &root_uuid);
     let boot_files = collect_boot_files(&staging, &board, &cfg, &cmdline, &root_uuid)?;
+    // Files written above carry the build's time; clamp them (reproducible builds).
+    repro::clamp_tree_times(&staging, disk::source_date_epoch())?;
     p.done(&format!(
         "{} files for the boot partition",
         boot_files.len()
@@ -300,6 +279,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         &ids.root_fs_uuid,
         &staging,
     )?;
+    if let Some(epoch) = manifest::source_date_epoch_env() {
+        repro::fix_ext4_times(&raw_tmp, layout.root.start, epoch)?;
+    }
     if let Some(s) = &board.boot.syslinux {
         disk::install_syslinux(&raw_tmp, &layout, &s.dir)?;
         fat::sync_backup_boot_sector(&raw_tmp, layout.boot)?;
@@ -316,17 +298,45 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let mut pending = output::Pending::default();
     for f in &formats {
         p.stage(&format!("writing {}", f.as_str()));
+        let raw_size = std::fs::metadata(&raw_tmp)?.len();
         let dest = match f {
             Format::Raw => raw.clone(),
             Format::Qcow2 => out.join(format!("{name}.qcow2")),
             Format::Zst => out.join(format!("{name}.img.zst")),
+            Format::Bmap => out.join(format!("{name}.img.bmap")),
             Format::Pxe => out.join(pxe::SET_DIR),
-            Format::Bmap => unreachable!("rejected above"),
         };
+        let mut detail = dest.display().to_string();
         match f {
-            Format::Raw => pending.add_existing(raw_tmp.clone(), dest.clone()),
-            Format::Qcow2 => pending.add(dest.clone(), |tmp| output::qcow2(&raw_tmp, tmp))?,
-            Format::Zst => pending.add(dest.clone(), |tmp| output::zstd(&raw_tmp, tmp))?,
+            Format::Raw => {
+                pending.add_existing(raw_tmp.clone(), dest.clone());
+                let a = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&raw_tmp)?);
+                detail = format!(
+                    "{detail}: {} MiB, {} MiB allocated (sparse)",
+                    raw_size >> 20,
+                    (a * 512) >> 20
+                );
+            }
+            Format::Qcow2 => {
+                let bar = p.bytes(raw_size);
+                pending.add(dest.clone(), |tmp| output::qcow2(&raw_tmp, tmp, &bar))?
+            }
+            Format::Zst => {
+                let bar = p.bytes(raw_size);
+                pending.add(dest.clone(), |tmp| output::zstd(&raw_tmp, tmp, &bar))?
+            }
+            Format::Bmap => {
+                let f = std::fs::File::open(&raw_tmp)?;
+                let data: u64 = bmap::data_extents(&f)?.iter().map(|(s, e)| e - s).sum();
+                let bar = p.bytes(data);
+                let mut mapped = 0;
+                pending.add(dest.clone(), |tmp| {
+                    let m = bmap::create(&raw_tmp, &mut |n| bar.inc(n))?;
+                    mapped = m.mapped_bytes();
+                    Ok(std::fs::write(tmp, bmap::to_xml(&m))?)
+                })?;
+                detail = format!("{detail}: {} MiB mapped", mapped >> 20);
+            }
             Format::Pxe => {
                 let node_config = node_config_toml(&cfg)?;
                 let summary = pxe::write(
@@ -340,29 +350,130 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
                         node_config: &node_config,
                     },
                 )?;
-                eprintln!("clutch:       {summary}");
+                p.println(&format!("clutch:       {summary}"));
             }
-            Format::Bmap => unreachable!("rejected above"),
         }
-        p.done(&dest.display().to_string());
+        p.done(&detail);
     }
-    p.stage("checksums");
-    let artifacts = pending.commit_with_sums(&out.join("SHA256SUMS"))?;
+
+    p.stage("checksums and manifest");
+    let bar = p.bytes(pending.unhashed_bytes());
+    let images = pending.hash_all(&out, &bar)?;
+    let m = manifest::Manifest {
+        manifest_version: 1,
+        name: name.clone(),
+        clutch_version: env!("CARGO_PKG_VERSION").to_string(),
+        config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        build_seed: seed.clone(),
+        board: board.name.to_string(),
+        arch: board.arch.clone(),
+        suite: cfg.suite.to_string(),
+        mirror: cfg.mirror().to_string(),
+        rootfs_key: spec.key(),
+        source_date_epoch: manifest::source_date_epoch_env(),
+        image_size: layout.total,
+        partition_table: format!("{:?}", board.partition_table).to_lowercase(),
+        disk_guid: ids.disk_guid.to_string(),
+        partitions: vec![
+            manifest::Partition {
+                number: 1,
+                name: "boot".into(),
+                filesystem: "vfat".into(),
+                label: board.boot.label.clone(),
+                partuuid: boot_uuid.clone(),
+                offset: layout.boot.start,
+                size: layout.boot.size,
+            },
+            manifest::Partition {
+                number: 2,
+                name: "root".into(),
+                filesystem: "ext4".into(),
+                label: board.root.label.clone(),
+                partuuid: root_uuid.clone(),
+                offset: layout.root.start,
+                size: layout.root.size,
+            },
+        ],
+        packages: manifest::installed_packages(&staging)?,
+        artifacts: images
+            .iter()
+            .map(|w| manifest::Artifact {
+                name: w.name.clone(),
+                size: w.size,
+                sha256: w.sha256.clone(),
+            })
+            .collect(),
+    };
+    let manifest_json = serde_json::to_string_pretty(&m)? + "\n";
+    pending.add(out.join("manifest.json"), |tmp| {
+        Ok(std::fs::write(tmp, &manifest_json)?)
+    })?;
+    if let Some(im) = &board.imager {
+        if let Some(entry) = imager_entry(&out, &name, &board, im, &images)? {
+            let json = serde_json::to_string_pretty(&manifest::ImagerList {
+                os_list: vec![entry],
+            })? + "\n";
+            pending.add(out.join(format!("{name}.rpi-imager.json")), |tmp| {
+                Ok(std::fs::write(tmp, &json)?)
+            })?;
+        }
+    }
+    let written = pending.commit(&out.join("SHA256SUMS"), &bar)?;
     p.done(&format!(
-        "{} artifacts in {}",
-        artifacts.len(),
-        out.display()
+        "{} artifacts in {}, {} packages listed",
+        written.len(),
+        out.display(),
+        m.packages.len()
     ));
-    eprintln!("clutch: built {name} in {:.1}s", p.elapsed());
-    let main_artifact = artifacts
-        .first()
-        .cloned()
+    let seconds = p.elapsed();
+    p.println(&format!("clutch: built {name} in {seconds:.1}s"));
+    // The main artifact: the first requested image format (a bmap only describes one).
+    let main_artifact = written
+        .iter()
+        .find(|w| {
+            !w.name.ends_with(".bmap") && !w.name.ends_with(".json") && w.name != "SHA256SUMS"
+        })
+        .map(|w| w.path.clone())
         .context("no artifact was requested")?;
     Ok(BuildResult {
         main_artifact,
-        artifacts,
+        artifacts: written.iter().map(|w| w.path.clone()).collect(),
         rootfs_cached: cached,
+        written,
+        seconds,
     })
+}
+
+/// The Raspberry Pi Imager entry: download the `.img.zst` when built, else the raw image.
+fn imager_entry(
+    out: &Path,
+    name: &str,
+    board: &Board,
+    im: &clutch_config::board::Imager,
+    images: &[output::Written],
+) -> Result<Option<manifest::ImagerEntry>> {
+    let find = |n: String| images.iter().find(|w| w.name == n);
+    let Some(raw) = find(format!("{name}.img")) else {
+        tracing::warn!("no raw image built: skipping the Raspberry Pi Imager entry");
+        return Ok(None);
+    };
+    let download = find(format!("{name}.img.zst")).unwrap_or(raw);
+    let dir = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    Ok(Some(manifest::ImagerEntry {
+        name: format!("clutch {name}"),
+        description: if board.description.is_empty() {
+            format!("clutch image {name} for {}", board.name)
+        } else {
+            format!("clutch image {name}: {}", board.description)
+        },
+        url: format!("file://{}/{}", dir.display(), download.name),
+        extract_size: raw.size,
+        extract_sha256: raw.sha256.clone(),
+        image_download_size: download.size,
+        image_download_sha256: download.sha256.clone(),
+        release_date: manifest::ymd(disk::source_date_epoch()),
+        devices: im.devices.clone(),
+    }))
 }
 
 fn collect_boot_files(

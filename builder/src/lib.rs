@@ -1,6 +1,7 @@
 //! The clutch image builder: one TOML file in, a bootable image out.
 
 pub mod atomic;
+pub mod bmap;
 pub mod bootfiles;
 pub mod build;
 pub mod cmd;
@@ -10,9 +11,13 @@ pub mod disk;
 pub mod doctor;
 pub mod fat;
 pub mod fetch;
+pub mod flash;
 pub mod foreign;
+pub mod manifest;
 pub mod output;
+pub mod progress;
 pub mod pxe;
+pub mod repro;
 pub mod rootfs;
 pub mod serve;
 pub mod stage;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use clutch_builder::{build, data, doctor, serve};
+use clutch_builder::{build, data, doctor, flash, serve};
 use clutch_config::Format;
 
 mod lab;
@@ -39,6 +39,27 @@ enum Cmd {
         /// The clutch-firstboot binary to put in the image (default: next to clutch).
         #[arg(long, env = "CLUTCH_FIRSTBOOT_BIN")]
         firstboot_bin: Option<PathBuf>,
+        /// Print a JSON result (artifacts, sizes, sha256) on stdout instead of the path.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write IMAGE onto DEVICE (a disk, or a file): through IMAGE.bmap when it exists (only
+    /// mapped blocks, each checked), else a full copy; then read back and verify.
+    Flash {
+        image: PathBuf,
+        device: PathBuf,
+        /// The block map to use (default: IMAGE.bmap when present).
+        #[arg(long)]
+        bmap: Option<PathBuf>,
+        /// Copy the whole image even when a bmap exists.
+        #[arg(long, conflicts_with = "bmap")]
+        no_bmap: bool,
+        /// Do not read back what was written.
+        #[arg(long)]
+        no_verify: bool,
+        /// Print a JSON result on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate CONFIG (and its board and overlays) without building.
     Check {
@@ -102,6 +123,7 @@ fn run(cli: Cli) -> Result<bool> {
             format,
             data_dir,
             firstboot_bin,
+            json,
         } => {
             let r = build::build(&build::BuildOpts {
                 config,
@@ -111,7 +133,65 @@ fn run(cli: Cli) -> Result<bool> {
                 data_dir,
                 firstboot_bin,
             })?;
-            println!("{}", r.main_artifact.display());
+            if json {
+                let v = serde_json::json!({
+                    "main_artifact": r.main_artifact,
+                    "artifacts": r.written,
+                    "rootfs_cached": r.rootfs_cached,
+                    "seconds": r.seconds,
+                });
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}", r.main_artifact.display());
+            }
+            Ok(true)
+        }
+        Cmd::Flash {
+            image,
+            device,
+            bmap,
+            no_bmap,
+            no_verify,
+            json,
+        } => {
+            let mut p = clutch_builder::progress::Progress::new(1);
+            p.stage(&format!(
+                "flashing {} to {}",
+                image.display(),
+                device.display()
+            ));
+            let mut bar = p.bytes(0);
+            let r = flash::flash(
+                &flash::RealSys,
+                &flash::FlashOpts {
+                    image,
+                    target: device,
+                    bmap,
+                    no_bmap,
+                    no_verify,
+                },
+                &mut bar,
+            )?;
+            p.done(&format!(
+                "{} MiB written ({}), {:.1}s{}",
+                r.bytes_written >> 20,
+                if r.mode == "bmap" {
+                    "mapped blocks by bmap"
+                } else {
+                    "whole image"
+                },
+                r.write_seconds,
+                if r.verified {
+                    format!(", verified in {:.1}s", r.verify_seconds)
+                } else {
+                    String::new()
+                }
+            ));
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.target.display());
+            }
             Ok(true)
         }
         Cmd::Check { config, data_dir } => {

@@ -44,6 +44,19 @@ pub struct Board {
     pub alignment: Size,
     pub boot: BootPartition,
     pub root: RootPartition,
+    /// Also write a Raspberry Pi Imager OS-list entry (`<name>.rpi-imager.json`) next to
+    /// the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imager: Option<Imager>,
+}
+
+/// `[imager]` in a board file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Imager {
+    /// Raspberry Pi Imager device tags the image is shown for (`pi4-64bit`, `pi3-64bit`).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 fn main_component() -> Vec<String> {

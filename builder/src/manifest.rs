@@ -1,0 +1,209 @@
+//! `manifest.json`: what an image is made of (config hash, board, suite, every installed
+//! package with its version, partitions) and what was written (artifact sizes and sha256);
+//! and, for boards that ask for it, a Raspberry Pi Imager OS-list entry for the image.
+//!
+//! Nothing in here depends on the time or the machine of the build, so two reproducible
+//! builds have equal manifests too.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// One installed Debian package.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+/// Installed packages from a dpkg status file, sorted by name (then architecture).
+pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
+    let mut out = Vec::new();
+    for para in text.split("\n\n") {
+        let mut name = None;
+        let mut version = None;
+        let mut arch = None;
+        let mut installed = false;
+        for line in para.lines() {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                continue; // continuation of a multi-line field
+            }
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k {
+                "Package" => name = Some(v.to_string()),
+                "Version" => version = Some(v.to_string()),
+                "Architecture" => arch = Some(v.to_string()),
+                "Status" => installed = v.ends_with(" installed"),
+                _ => {}
+            }
+        }
+        if let (true, Some(name), Some(version)) = (installed, name, version) {
+            out.push(Package {
+                name,
+                version,
+                architecture: arch.unwrap_or_default(),
+            });
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The packages installed in a staged root tree.
+pub fn installed_packages(root: &Path) -> Result<Vec<Package>> {
+    let p = root.join("var/lib/dpkg/status");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(parse_dpkg_status(&text))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Partition {
+    pub number: u32,
+    pub name: String,
+    pub filesystem: String,
+    pub label: String,
+    pub partuuid: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Artifact {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    pub name: String,
+    pub clutch_version: String,
+    /// sha256 of the image config file's text.
+    pub config_sha256: String,
+    /// sha256 over the config and the board file: what the disk and partition ids derive from.
+    pub build_seed: String,
+    pub board: String,
+    pub arch: String,
+    pub suite: String,
+    pub mirror: String,
+    /// The cached root filesystem this image was made from.
+    pub rootfs_key: String,
+    pub source_date_epoch: Option<u64>,
+    pub image_size: u64,
+    pub partition_table: String,
+    pub disk_guid: String,
+    pub partitions: Vec<Partition>,
+    pub packages: Vec<Package>,
+    pub artifacts: Vec<Artifact>,
+}
+
+/// `SOURCE_DATE_EPOCH` when it is set (and a number).
+pub fn source_date_epoch_env() -> Option<u64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok()
+}
+
+/// The `YYYY-MM-DD` date of a Unix time (UTC).
+pub fn ymd(secs: u64) -> String {
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// A Raspberry Pi Imager OS-list entry (the `os_list` item format of its repository JSON;
+/// use with `rpi-imager --repo FILE`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImagerEntry {
+    pub name: String,
+    pub description: String,
+    pub url: String,
+    pub extract_size: u64,
+    pub extract_sha256: String,
+    pub image_download_size: u64,
+    pub image_download_sha256: String,
+    pub release_date: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImagerList {
+    pub os_list: Vec<ImagerEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Package: zlib1g\nStatus: install ok installed\nPriority: required\nArchitecture: amd64\nMulti-Arch: same\nVersion: 1:1.3.dfsg+really1.3.1-1+b1\nDescription: compression library - runtime\n zlib is a library implementing the deflate compression method found\n in gzip and PKZIP.\n\nPackage: removed-one\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 1.0\n\nPackage: base-files\nEssential: yes\nStatus: install ok installed\nArchitecture: amd64\nVersion: 13.8\nConffiles:\n /etc/debian_version 0123\n";
+
+    #[test]
+    fn dpkg_status_lists_installed_packages_sorted() {
+        let p = parse_dpkg_status(STATUS);
+        assert_eq!(
+            p,
+            vec![
+                Package {
+                    name: "base-files".into(),
+                    version: "13.8".into(),
+                    architecture: "amd64".into()
+                },
+                Package {
+                    name: "zlib1g".into(),
+                    version: "1:1.3.dfsg+really1.3.1-1+b1".into(),
+                    architecture: "amd64".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(ymd(0), "1970-01-01");
+        assert_eq!(ymd(1_700_000_000), "2023-11-14");
+        assert_eq!(ymd(951_782_400), "2000-02-29");
+    }
+
+    #[test]
+    fn imager_entry_has_the_fields_rpi_imager_reads() {
+        let e = ImagerEntry {
+            name: "clutch rpi4".into(),
+            description: "d".into(),
+            url: "file:///x/rpi4.img.zst".into(),
+            extract_size: 10,
+            extract_sha256: "a".repeat(64),
+            image_download_size: 5,
+            image_download_sha256: "b".repeat(64),
+            release_date: ymd(0),
+            devices: vec![],
+        };
+        let v = serde_json::to_value(ImagerList { os_list: vec![e] }).unwrap();
+        let o = &v["os_list"][0];
+        for k in [
+            "name",
+            "description",
+            "url",
+            "extract_size",
+            "extract_sha256",
+            "image_download_size",
+            "image_download_sha256",
+            "release_date",
+        ] {
+            assert!(!o[k].is_null(), "{k}");
+        }
+        assert!(o.get("devices").is_none());
+    }
+}
