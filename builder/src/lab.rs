@@ -156,7 +156,8 @@ pub fn dnsmasq_cmd(s: &LabState) -> Vec<String> {
         s.dir.join("dnsmasq.log").display()
     ));
     for n in &s.nodes {
-        v.push(format!("--dhcp-host={},{},{}", n.mac, n.ip, n.name));
+        // No name: the node's host name is its own (`lab-{id}`), not one handed out here.
+        v.push(format!("--dhcp-host={},{}", n.mac, n.ip));
     }
     v
 }
@@ -604,7 +605,7 @@ mod tests {
         assert!(d.contains(&"--port=0".to_string()));
         assert!(d.contains(&"--dhcp-option=3".to_string()));
         for n in &s.nodes {
-            assert!(d.contains(&format!("--dhcp-host={},{},{}", n.mac, n.ip, n.name)));
+            assert!(d.contains(&format!("--dhcp-host={},{}", n.mac, n.ip)));
             let q = qemu_cmd(&s, n);
             assert_eq!(
                 q[..5],

@@ -63,15 +63,13 @@ pub fn choose_addr(
             .flat_map(|l| l.v4.iter().map(move |a| (l.name.clone(), *a)))
             .find(|(_, a)| a.is_link_local() != routable && !a.is_loopback())
     };
-    pick(true, false)
-        .or_else(|| pick(true, true))
-        .or_else(|| {
-            if ll_for >= grace {
-                pick(false, false).or_else(|| pick(false, true))
-            } else {
-                None
-            }
-        })
+    pick(true, false).or_else(|| pick(true, true)).or_else(|| {
+        if ll_for >= grace {
+            pick(false, false).or_else(|| pick(false, true))
+        } else {
+            None
+        }
+    })
 }
 
 /// True when some real link has only a link-local address (so the grace clock runs).
@@ -140,9 +138,16 @@ pub fn map_status(s: &clutch_cluster::Status) -> StatusUpdate {
     StatusUpdate {
         leader: Some(leader),
         members: Some(members),
-        ..StatusUpdate::phase(phase)
-            .role(role)
-            .error(s.error.clone())
+        ..StatusUpdate::phase(phase).role(role).error(s.error.clone())
+    }
+}
+
+/// An extra console line is due when the phase stayed (the sink printed nothing) but the
+/// role or the member count changed.
+fn console_line_due(shown: Option<&(Phase, String, usize)>, now: &(Phase, String, usize)) -> bool {
+    match shown {
+        None => false,
+        Some(prev) => prev.0 == now.0 && prev != now,
     }
 }
 
@@ -180,6 +185,7 @@ pub fn form_cluster(ctx: &ClusterContext, sink: &dyn StatusSink) -> Result<(), S
         .map_err(|e| format!("cluster thread: {e}"))?;
     // Status changes arrive here until the formation thread ends (only on an error).
     let mut last_waiting = String::new();
+    let mut shown: Option<(Phase, String, usize)> = None;
     for s in rx {
         if s.waiting != last_waiting && !s.waiting.is_empty() {
             tracing::info!(
@@ -191,6 +197,18 @@ pub fn form_cluster(ctx: &ClusterContext, sink: &dyn StatusSink) -> Result<(), S
         }
         last_waiting = s.waiting.clone();
         sink.set(map_status(&s));
+        // The sink prints the console line on phase changes; print it again when only the
+        // role or the member count changed, so the console (and `clutch lab status`, which
+        // reads it) shows the cluster as it grows.
+        let now = sink.get();
+        let key = (now.phase, now.role.clone(), now.members.len());
+        if console_line_due(shown.as_ref(), &key) {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", now.console_line());
+            let _ = out.flush();
+        }
+        shown = Some(key);
     }
     worker
         .join()
@@ -363,6 +381,27 @@ mod tests {
         assert_eq!(u.role.as_deref(), Some("agent"));
         assert_eq!(u.leader.as_deref(), Some("cc"), "unknown leader: its id");
         assert_eq!(u.error, Some(Some("engine: etcd did not start".into())));
+    }
+
+    #[test]
+    fn extra_console_line_only_for_member_or_role_changes_within_a_phase() {
+        let k = |p: Phase, r: &str, n: usize| (p, r.to_string(), n);
+        let ready2 = k(Phase::Ready, "server", 2);
+        assert!(!console_line_due(None, &ready2));
+        assert!(console_line_due(
+            Some(&ready2),
+            &k(Phase::Ready, "server", 3)
+        ));
+        assert!(!console_line_due(Some(&ready2), &ready2));
+        // A phase change is printed by the sink itself.
+        assert!(!console_line_due(
+            Some(&k(Phase::Joining, "server", 2)),
+            &ready2
+        ));
+        assert!(console_line_due(
+            Some(&k(Phase::Discovering, "pending", 0)),
+            &k(Phase::Discovering, "server", 0)
+        ));
     }
 
     #[test]
