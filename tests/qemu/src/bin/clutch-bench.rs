@@ -44,7 +44,11 @@ fn build(config: &Path, cache: &Path, formats: &str) -> Result<(PathBuf, f64)> {
         bail!("build failed: {}", String::from_utf8_lossy(&o.stderr));
     }
     let secs = t.elapsed().as_secs_f64();
-    let img = String::from_utf8_lossy(&o.stdout).lines().last().context("no output")?.to_string();
+    let img = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .context("no output")?
+        .to_string();
     Ok((img.into(), secs))
 }
 
@@ -64,20 +68,31 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String| {
         eprintln!("bench: {what}: {value}");
-        rows.push(Row { what: what.into(), value });
+        rows.push(Row {
+            what: what.into(),
+            value,
+        });
     };
 
     let cfg = test_config("amd64-vm", "bench-vm", |t| t);
     if cold {
         let fresh = tempfile::tempdir_in(artifacts())?;
         let (_, secs) = build(&cfg, fresh.path(), "raw")?;
-        row("amd64 cold build (empty cache, raw)", format!("{secs:.1} s"));
+        row(
+            "amd64 cold build (empty cache, raw)",
+            format!("{secs:.1} s"),
+        );
     }
     let cache = cache_dir();
     build(&cfg, &cache, "raw")?; // make sure the shared cache is warm
-    let cfg2 = test_config("amd64-vm", "bench-vm-user", |t| t.replace("name = \"admin\"", "name = \"bench\""));
+    let cfg2 = test_config("amd64-vm", "bench-vm-user", |t| {
+        t.replace("name = \"admin\"", "name = \"bench\"")
+    });
     let (_, warm) = build(&cfg2, &cache, "raw,qcow2,zst")?;
-    row("amd64 warm build ([user] changed, raw+qcow2+zst)", format!("{warm:.1} s"));
+    row(
+        "amd64 warm build ([user] changed, raw+qcow2+zst)",
+        format!("{warm:.1} s"),
+    );
     let (img, warm_raw) = build(&cfg, &cache, "raw")?;
     row("amd64 warm build (raw only)", format!("{warm_raw:.1} s"));
     let m = std::fs::metadata(&img)?;
@@ -104,32 +119,57 @@ fn main() -> Result<()> {
         extra: user_net_with_ssh(port),
     })?;
     vm.wait_for("clutch: phase=ready", Duration::from_secs(600))?;
-    row("first boot: power-on to phase=ready (TCG, SeaBIOS)", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    row(
+        "first boot: power-on to phase=ready (TCG, SeaBIOS)",
+        format!("{:.1} s", t0.elapsed().as_secs_f64()),
+    );
     vm.wait_for("login:", Duration::from_secs(600))?;
-    row("first boot: power-on to login prompt (TCG)", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    row(
+        "first boot: power-on to login prompt (TCG)",
+        format!("{:.1} s", t0.elapsed().as_secs_f64()),
+    );
     let show = ssh(
         port,
         "systemctl show clutch-firstboot -p MemoryPeak -p CPUUsageNSec -p ExecMainStartTimestampMonotonic -p ActiveEnterTimestampMonotonic",
         Duration::from_secs(300),
     )?;
     let get = |k: &str| -> Option<u64> {
-        show.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.trim().parse().ok())
+        show.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.trim().parse().ok())
     };
     if let Some(p) = get("MemoryPeak") {
         row("clutch-firstboot peak memory (cgroup MemoryPeak)", mib(p));
     }
     if let Some(c) = get("CPUUsageNSec") {
-        row("clutch-firstboot CPU time (TCG guest)", format!("{:.2} s", c as f64 / 1e9));
+        row(
+            "clutch-firstboot CPU time (TCG guest)",
+            format!("{:.2} s", c as f64 / 1e9),
+        );
     }
-    if let (Some(a), Some(b)) = (get("ExecMainStartTimestampMonotonic"), get("ActiveEnterTimestampMonotonic")) {
-        row("unit start to READY (node setup, TCG guest)", format!("{:.2} s", b.saturating_sub(a) as f64 / 1e6));
+    if let (Some(a), Some(b)) = (
+        get("ExecMainStartTimestampMonotonic"),
+        get("ActiveEnterTimestampMonotonic"),
+    ) {
+        row(
+            "unit start to READY (node setup, TCG guest)",
+            format!("{:.2} s", b.saturating_sub(a) as f64 / 1e6),
+        );
     }
     drop(vm);
 
     let mut md = String::new();
     writeln!(md, "# clutch benchmarks\n")?;
-    writeln!(md, "Reproduce: `bash scripts/bench` (root; host packages from scripts/install-host-deps).")?;
-    writeln!(md, "Machine: {} cores, QEMU TCG (no KVM). Written {}.\n", num_cpus(), now())?;
+    writeln!(
+        md,
+        "Reproduce: `bash scripts/bench` (root; host packages from scripts/install-host-deps)."
+    )?;
+    writeln!(
+        md,
+        "Machine: {} cores, QEMU TCG (no KVM). Written {}.\n",
+        num_cpus(),
+        now()
+    )?;
     writeln!(md, "| measurement | value |\n|---|---|")?;
     for r in &rows {
         writeln!(md, "| {} | {} |", r.what, r.value)?;
@@ -143,10 +183,15 @@ fn main() -> Result<()> {
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn now() -> String {
-    let o = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
-    o.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    let o = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    o.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
