@@ -118,6 +118,19 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
     Ok(body.to_vec())
 }
 
+/// Whether `raw` holds the headers and the whole body their Content-Length announces.
+pub fn response_complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]);
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| raw.len() >= end + 4 + n)
+}
+
 /// How the config is downloaded (a fake in tests).
 pub trait Fetch {
     fn get(&self, url: &str) -> Result<String, String>;
@@ -150,10 +163,19 @@ impl Fetch for HttpFetch {
         );
         s.write_all(req.as_bytes())
             .map_err(|e| format!("sending the request to {addr}: {e}"))?;
+        // Read until the body is whole (by Content-Length) or the server closes: a proxy in
+        // between may keep the connection open after the server is done.
         let mut raw = Vec::new();
-        s.take(1 << 20)
-            .read_to_end(&mut raw)
-            .map_err(|e| format!("reading the answer from {addr}: {e}"))?;
+        let mut buf = [0u8; 8192];
+        while !response_complete(&raw) && raw.len() < 1 << 20 {
+            let n = s
+                .read(&mut buf)
+                .map_err(|e| format!("reading the answer from {addr}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
         let body = parse_response(&raw)?;
         String::from_utf8(body).map_err(|_| "the config is not UTF-8".to_string())
     }
@@ -508,13 +530,21 @@ mod tests {
             let req = String::from_utf8_lossy(&req).into_owned();
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\nhostname = \"rack-a1\"\n\n")
                 .unwrap();
-            req
+            // The connection stays open (like behind a proxy): the client must not wait for EOF.
+            (req, s)
         });
         let body = HttpFetch
             .get(&format!("http://127.0.0.1:{port}/config/52-54-00-12-34-56"))
             .unwrap();
         assert_eq!(body, "hostname = \"rack-a1\"\n\n");
-        let req = server.join().unwrap();
+        let (req, _still_open) = server.join().unwrap();
+        assert!(response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab"
+        ));
+        assert!(!response_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"
+        ));
+        assert!(!response_complete(b"HTTP/1.0 200 OK\r\n\r\nab"));
         assert!(
             req.starts_with("GET /config/52-54-00-12-34-56 HTTP/1.0\r\n"),
             "{req}"
