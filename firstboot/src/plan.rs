@@ -593,12 +593,15 @@ fn system(facts: &Facts, loaded: &Loaded) -> Vec<Action> {
 const WPA_CONF: &str = "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf";
 const WPA_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service";
 
+/// Where earlier clutch-firstboot versions wrote the wired settings; the image now ships them
+/// (`overlays/base/etc/systemd/network/80-clutch-wired.network`), and a left-over file here
+/// would shadow that one, so it is removed.
+const OLD_WIRED: &str = "/etc/systemd/network/20-clutch-wired.network";
+
+/// Wifi only: wired links are configured by the image (`80-clutch-wired.network`: DHCP with
+/// IPv4 link-local fallback, mDNS off in networkd because clutch answers mDNS itself).
 fn network(c: &NodeConfig) -> Vec<Action> {
-    let mut a = vec![write(
-        "/etc/systemd/network/20-clutch-wired.network",
-        render::wired_network(),
-        0o644,
-    )];
+    let mut a = vec![remove(OLD_WIRED)];
     match &c.wifi {
         Some(w) => {
             a.push(write_secret(

@@ -99,18 +99,11 @@ pub fn wpa_supplicant(
     s
 }
 
-/// Wired links: DHCP, and IPv4 link-local when no DHCP server answers (networkd starts
-/// IPv4LL when DHCPv4 has been unsuccessful for a while), so nodes on a bare switch still
-/// reach each other; mDNS on.
-pub fn wired_network() -> String {
-    format!(
-        "{HEADER}[Match]\nName=en* eth*\nType=ether\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\nMulticastDNS=yes\n\n[DHCPv4]\nRouteMetric=100\n"
-    )
-}
-
+/// `wlan0`: DHCP with the IPv4 link-local fallback, as the image's wired links have it;
+/// mDNS and LLMNR off in networkd (clutch-firstboot answers mDNS itself).
 pub fn wlan_network() -> String {
     format!(
-        "{HEADER}[Match]\nName=wlan0\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\nMulticastDNS=yes\n\n[DHCPv4]\nRouteMetric=600\n"
+        "{HEADER}[Match]\nName=wlan0\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\nMulticastDNS=no\nLLMNR=no\n\n[DHCPv4]\nRouteMetric=600\n"
     )
 }
 

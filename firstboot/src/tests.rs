@@ -94,7 +94,8 @@ impl Node {
             self.paths.status_file(),
             Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
         );
-        let rep = run(&self.paths, sys, &board, true);
+        // Formation (`form = true`) needs a network and peers: the cluster crate tests it.
+        let rep = run(&self.paths, sys, &board, false);
         assert_eq!(board.get(), self.status(), "status.json matches the sink");
         let l = lines.lock().unwrap().clone();
         (rep, l)
@@ -735,10 +736,8 @@ fn generated_files_match_golden() {
         "50-clutch.conf",
         &n.read("/etc/ssh/sshd_config.d/50-clutch.conf"),
     );
-    golden(
-        "20-clutch-wired.network",
-        &n.read("/etc/systemd/network/20-clutch-wired.network"),
-    );
+    // Wired links are the image's (80-clutch-wired.network); firstboot writes none.
+    assert!(!n.exists("/etc/systemd/network/20-clutch-wired.network"));
     golden(
         "authorized_keys",
         &n.read("/home/admin/.ssh/authorized_keys"),
@@ -1069,4 +1068,16 @@ fn secrets_never_appear_in_plan_debug_output() {
         "{dbg}"
     );
     let _: PathBuf = paths.state("x");
+}
+
+#[test]
+fn wired_settings_left_by_an_older_firstboot_are_removed() {
+    // The image ships 80-clutch-wired.network; a 20-clutch-wired.network would shadow it.
+    let n = Node::new(Some(&basic()));
+    let old = n.paths.host("/etc/systemd/network/20-clutch-wired.network");
+    write(&old, "[Match]\nName=en*\n");
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.error, None);
+    assert!(!old.exists());
+    assert!(!n.exists("/etc/systemd/network/30-clutch-wlan0.network"));
 }
