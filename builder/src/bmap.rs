@@ -113,6 +113,99 @@ pub fn data_extents(f: &File) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// One extent as FIEMAP reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fiemap {
+    pub logical: u64,
+    pub length: u64,
+    pub unwritten: bool,
+}
+
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIEMAP_FLAG_SYNC: u32 = 1;
+const FIEMAP_EXTENT_LAST: u32 = 1;
+const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+
+/// The file's extents from the FIEMAP ioctl (after syncing it); `Ok(None)` when the file
+/// system does not support FIEMAP (tmpfs).
+pub fn fiemap(f: &File) -> std::io::Result<Option<Vec<Fiemap>>> {
+    const N: usize = 256;
+    // struct fiemap (32 bytes) followed by N struct fiemap_extent (56 bytes each), as u64s.
+    let mut buf = vec![0u64; (32 + 56 * N) / 8];
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        buf.iter_mut().for_each(|x| *x = 0);
+        buf[0] = start;
+        buf[1] = u64::MAX - start;
+        // fm_flags (u32) | fm_mapped_extents (u32), then fm_extent_count | fm_reserved.
+        buf[2] = u64::from(FIEMAP_FLAG_SYNC);
+        buf[3] = N as u64;
+        // SAFETY: the buffer is large enough for the header and N extents, as announced.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let mapped = (buf[2] >> 32) as usize;
+        if mapped == 0 {
+            return Ok(Some(out));
+        }
+        let mut last = false;
+        for i in 0..mapped.min(N) {
+            let e = &buf[4 + i * 7..4 + (i + 1) * 7];
+            let flags = e[5] as u32;
+            out.push(Fiemap {
+                logical: e[0],
+                length: e[2],
+                unwritten: flags & FIEMAP_EXTENT_UNWRITTEN != 0,
+            });
+            start = e[0] + e[2];
+            last |= flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            return Ok(Some(out));
+        }
+    }
+}
+
+/// Turns preallocated-but-unwritten extents (what `mkfs.ext4` leaves where it zeroes with
+/// fallocate) into holes. Both read as zeros, but `SEEK_DATA` reports unwritten extents as
+/// data or hole depending on the page cache, and bmaptool's FIEMAP counts them as mapped;
+/// as holes, the image's map is the same for everyone and less is allocated and flashed.
+/// Returns the bytes released.
+pub fn punch_unwritten(path: &Path) -> Result<u64, BmapError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    let Some(extents) = fiemap(&f).map_err(io(path))? else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for e in extents.iter().filter(|e| e.unwritten) {
+        // SAFETY: fallocate on our own descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                e.logical as libc::off_t,
+                e.length as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io(path)(std::io::Error::last_os_error()));
+        }
+        n += e.length;
+    }
+    f.sync_all().map_err(io(path))?;
+    Ok(n)
+}
+
 /// Block ranges (both ends included) covering the byte extents: each extent is widened to
 /// whole blocks, and ranges that touch are merged.
 pub fn block_ranges(extents: &[(u64, u64)], block_size: u64) -> Vec<(u64, u64)> {
@@ -182,6 +275,12 @@ pub fn create(image: &Path, tick: &mut dyn FnMut(u64)) -> Result<Bmap, BmapError
     })
 }
 
+/// `text` written over the start of `placeholder` (as a seek-and-write in a file does).
+fn overwrite(placeholder: &str, text: &str) -> String {
+    let cut = text.len().min(placeholder.len());
+    format!("{text}{}", &placeholder[cut..])
+}
+
 /// bmaptool's `human_size`.
 fn human_size(size: u64) -> String {
     if size == 1 {
@@ -242,18 +341,24 @@ pub fn to_xml(b: &Bmap) -> String {
         b.block_size,
         blocks
     );
-    // bmaptool writes these fields padded first and overwrites them in place, so the
-    // padding of its placeholders stays after the values.
+    // bmaptool writes these fields as blank placeholders first and overwrites them in
+    // place: a shorter value leaves blanks after it, a longer one eats into what follows.
     let human = human_size(b.image_size);
     let mapped_text = format!("{} or {percent:.1}%", human_size(mapped_size));
-    let pad1 = (human.len() + 4 + "100.0%".len()).saturating_sub(mapped_text.len());
-    let count = mapped.to_string();
-    let pad2 = blocks.to_string().len().saturating_sub(count.len());
+    let line1 = overwrite(
+        &format!("{}   -->\n", " ".repeat(human.len() + 4 + "100.0%".len())),
+        &mapped_text,
+    );
+    let line2 = overwrite(
+        &format!(
+            "{} </MappedBlocksCount>\n\n",
+            " ".repeat(blocks.to_string().len())
+        ),
+        &mapped.to_string(),
+    );
     let _ = write!(
         x,
-        "    <!-- Count of mapped blocks: {mapped_text}{}   -->\n    <MappedBlocksCount> {count}{} </MappedBlocksCount>\n\n",
-        " ".repeat(pad1),
-        " ".repeat(pad2)
+        "    <!-- Count of mapped blocks: {line1}    <MappedBlocksCount> {line2}"
     );
     x.push_str("    <!-- Type of checksum used in this file -->\n");
     x.push_str("    <ChecksumType> sha256 </ChecksumType>\n\n");
@@ -435,6 +540,13 @@ mod tests {
     }
 
     #[test]
+    fn placeholders_are_overwritten_like_a_file() {
+        assert_eq!(overwrite("          -->", "abc"), "abc       -->");
+        assert_eq!(overwrite("  x", "abcd"), "abcd");
+        assert_eq!(overwrite("     -->", "abcdef"), "abcdef->");
+    }
+
+    #[test]
     fn human_size_matches_bmaptool() {
         assert_eq!(human_size(1), "1 byte");
         assert_eq!(human_size(100), "100 bytes");
@@ -499,6 +611,30 @@ mod tests {
             hex::encode(Sha256::digest(&d[2 * 4096..])),
             m.ranges[0].sha256
         );
+    }
+
+    #[test]
+    fn unwritten_extents_become_holes() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("u.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[1u8; 8192], 0).unwrap();
+        // Preallocate 4 MiB at 8 MiB (unwritten, reads as zeros).
+        let r =
+            unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 8 << 20, 4 << 20) };
+        assert_eq!(r, 0);
+        f.sync_all().unwrap();
+        let Some(before) = fiemap(&f).unwrap() else {
+            return; // no FIEMAP here (tmpfs)
+        };
+        assert!(before.iter().any(|e| e.unwritten), "{before:?}");
+        let released = punch_unwritten(&img).unwrap();
+        assert_eq!(released, 4 << 20);
+        let after = fiemap(&f).unwrap().unwrap();
+        assert!(after.iter().all(|e| !e.unwritten), "{after:?}");
+        let m = create(&img, &mut |_| {}).unwrap();
+        assert_eq!(m.mapped_blocks(), 2);
     }
 
     /// bmaptool itself (package bmap-tools) accepts the file and flashes by it.

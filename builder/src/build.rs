@@ -286,6 +286,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         disk::install_syslinux(&raw_tmp, &layout, &s.dir)?;
         fat::sync_backup_boot_sector(&raw_tmp, layout.boot)?;
     }
+    // Preallocated zeros become holes: a sparse image whose map does not depend on the
+    // page cache (see bmap::punch_unwritten).
+    bmap::punch_unwritten(&raw_tmp)?;
     p.done(&format!(
         "{} MiB disk: boot {} MiB, root {} MiB ({} MiB of files)",
         layout.total >> 20,

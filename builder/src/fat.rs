@@ -75,6 +75,10 @@ pub fn write_fat(
             .open(&p)?
             .set_modified(mtime)?;
     }
+    // `mcopy -s -m` gives the directories it makes their source's mtime too: clamp them
+    // (else every build differs in the directory entries).
+    let epoch = crate::disk::source_date_epoch().max(315_532_800);
+    crate::repro::clamp_tree_times(tmp.path(), epoch)?;
     let mut top: Vec<_> = std::fs::read_dir(tmp.path())?
         .flatten()
         .map(|e| e.path())
