@@ -54,6 +54,21 @@ fn boot_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Peak resident set size (getrusage `ru_maxrss`, KiB) of this process and of the largest
+/// child process it waited for (ssh-keygen, resize2fs, mkfs.ext4, ...).
+fn peak_rss_kib() -> (i64, i64) {
+    let get = |who| {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut ru) } == 0 {
+            ru.ru_maxrss
+        } else {
+            -1
+        }
+    };
+    (get(libc::RUSAGE_SELF), get(libc::RUSAGE_CHILDREN))
+}
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -97,7 +112,11 @@ fn real_main(cli: Cli) -> Result<()> {
             );
             let report = clutch_firstboot::run::run(&paths, &RealSys, &board, true);
             // A failed node still boots: the error is in the status, the exit code is 0.
-            tracing::info!("finished with phase={}", report.phase);
+            let (own, children) = peak_rss_kib();
+            tracing::info!(
+                "finished with phase={} (peak RSS {own} KiB; largest child process {children} KiB)",
+                report.phase
+            );
             Ok(())
         }
         Command::Status { json } => {

@@ -309,7 +309,8 @@ pub fn plan_safe(paths: &Paths, facts: &Facts, fresh: &Fresh) -> Plan {
     let kept = facts
         .etc_hostname
         .as_deref()
-        .filter(|h| !matches!(*h, "" | "localhost" | "debian" | "raspberrypi"))
+        // Placeholders: the builder's `clutch`, Debian's and Raspberry Pi OS's defaults.
+        .filter(|h| !matches!(*h, "" | "localhost" | "clutch" | "debian" | "raspberrypi"))
         .and_then(|h| Hostname::try_from(h).ok());
     let hostname = kept.unwrap_or_else(|| {
         HostnameTemplate::default()

@@ -49,6 +49,8 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
         write(&r.join("etc/machine-id"), "");
+        // The builder's placeholder host name.
+        write(&r.join("etc/hostname"), "clutch\n");
         write(
             &r.join("etc/hosts"),
             "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
@@ -523,6 +525,20 @@ fn failed_config_keeps_the_hostname_from_an_earlier_boot() {
     );
     assert_eq!(rep.plan.hostname, ok.plan.hostname);
     assert!(calls.contains(&format!("sethostname {}", ok.plan.hostname)));
+}
+
+#[test]
+fn failed_first_boot_does_not_keep_the_image_placeholder_hostname() {
+    // Every node flashed from one image starts as `clutch`; a broken config must still give
+    // each its own name (the default template), or they all clash on the network.
+    let n = Node::new(Some("version = 2\n"));
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Failed);
+    let id = rep.plan.node_id.clone();
+    let want = format!("node-{}", &id[..6]);
+    assert_eq!(rep.plan.hostname.as_str(), want);
+    assert_eq!(n.read("/etc/hostname"), format!("{want}\n"));
+    assert!(calls.contains(&format!("sethostname {want}")));
 }
 
 #[test]
@@ -1052,7 +1068,7 @@ fn plan_is_deterministic_data() {
     // planning twice gives the same plan; nothing was written
     let q = crate::plan::plan(paths, &facts, &loaded, &fresh).unwrap();
     assert_eq!(p.steps, q.steps);
-    assert!(!n.exists("/etc/hostname"));
+    assert_eq!(n.read("/etc/hostname"), "clutch\n");
     let dbg = format!("{:?}", p.steps);
     assert!(dbg.contains("write /etc/hostname"), "{dbg}");
 }
