@@ -34,8 +34,7 @@ pub fn config_url(cmdline: &str) -> Option<&str> {
     cmdline
         .split_ascii_whitespace()
         .filter_map(|a| a.strip_prefix(CMDLINE_KEY))
-        .filter(|u| !u.is_empty())
-        .next_back()
+        .rfind(|u| !u.is_empty())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
