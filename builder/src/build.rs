@@ -69,10 +69,6 @@ fn find_firstboot(
         if next_to_us.is_file() && check_firstboot(&next_to_us, board).is_ok() {
             return Ok(next_to_us);
         }
-        eprintln!(
-            "clutch: cross-building clutch-firstboot for {} (cached per source change)",
-            board.arch
-        );
         return crate::cross::ensure_firstboot(cache, data_dir, &board.arch, mirror).with_context(
             || {
                 format!(

@@ -265,6 +265,10 @@ pub fn ensure_firstboot(cache: &Path, src: &Path, arch: &str, mirror: &str) -> R
     if out.is_file() {
         return Ok(out);
     }
+    eprintln!(
+        "clutch: cross-building clutch-firstboot for {} with {TOOLCHAIN_SUITE}'s rustc (once per source change)",
+        target.triple
+    );
     let root = ensure_toolchain(cache, &spec)?;
     let work = cache.join("cross");
     let tree = work.join("src");
