@@ -59,6 +59,7 @@ pub fn write_fat(
             .arg("::"),
     )
     .context("formatting the FAT32 boot partition (mformat)")?;
+    root_dir_label_as_given(image, at, label)?;
 
     // Stage the files in a folder with clamped times, then copy the tree in one call.
     let tmp = tempfile::tempdir()?;
@@ -94,6 +95,44 @@ pub fn write_fat(
             .arg("::/"),
     )
     .context("copying files onto the FAT32 boot partition (mcopy; is boot.size big enough?)")?;
+    Ok(())
+}
+
+/// mformat writes the label as given into the boot sector but upper-cased into the root
+/// directory's volume-label entry; fsck.vfat reports the difference. Make both say `label`
+/// (e.g. the Raspberry Pi's lower-case `bootfs`).
+fn root_dir_label_as_given(image: &Path, at: Extent, label: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)?;
+    let mut bs = [0u8; 512];
+    f.read_exact_at(&mut bs, at.start)?;
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([bs[o], bs[o + 1]]));
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes([bs[o], bs[o + 1], bs[o + 2], bs[o + 3]]));
+    let (bytes, per_cluster, reserved, fats) = (
+        u16_at(0x0b),
+        u64::from(bs[0x0d]),
+        u16_at(0x0e),
+        u64::from(bs[0x10]),
+    );
+    let (fat_size, root_cluster) = (u32_at(0x24), u32_at(0x2c));
+    let root = at.start + (reserved + fats * fat_size + (root_cluster - 2) * per_cluster) * bytes;
+    let mut dir = vec![0u8; (per_cluster * bytes) as usize];
+    f.read_exact_at(&mut dir, root)?;
+    let mut name = [b' '; 11];
+    name[..label.len().min(11)].copy_from_slice(&label.as_bytes()[..label.len().min(11)]);
+    for (i, e) in dir.chunks(32).enumerate() {
+        if e[0] == 0 {
+            break;
+        }
+        if e[0] != 0xe5 && e[11] == 0x08 {
+            f.write_all_at(&name, root + 32 * i as u64)?;
+            f.sync_all()?;
+            return Ok(());
+        }
+    }
     Ok(())
 }
 
@@ -198,6 +237,46 @@ mod tests {
             &bs[0x52..0x5a],
             b"FAT32   ",
             "FAT32 file system type in the boot sector"
+        );
+    }
+
+    #[test]
+    fn lower_case_label_is_kept_in_both_places_and_fsck_agrees() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("f.img");
+        let at = Extent {
+            start: 4 << 20,
+            size: 64 << 20,
+        };
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(at.end())
+            .unwrap();
+        let files = vec![FatFile {
+            path: "config.txt".into(),
+            data: b"arm_64bit=1\n".to_vec(),
+        }];
+        write_fat(&img, at, "bootfs", 0x1234_5678, &files).unwrap();
+        let part = t.path().join("p.img");
+        let data = crate::disk::read_at(&img, at.start, at.size as usize).unwrap();
+        std::fs::write(&part, data).unwrap();
+        let out = Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&part)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && !text.contains("differ"), "{text}");
+        let blkid = Command::new("blkid")
+            .args(["-o", "export"])
+            .arg(&part)
+            .output()
+            .unwrap();
+        let b = String::from_utf8_lossy(&blkid.stdout);
+        assert!(b.contains("\nLABEL=bootfs\n"), "{b}");
+        assert_eq!(
+            read_fat_file(&img, at, "config.txt").unwrap(),
+            b"arm_64bit=1\n"
         );
     }
 }
