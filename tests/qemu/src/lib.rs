@@ -259,15 +259,28 @@ impl Vm {
         let out = child.stdout.take().expect("piped");
         let cons = console.clone();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut buf = Vec::new();
-            while r.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
-                let _ = log.write_all(&buf);
-                let line = String::from_utf8_lossy(&buf).replace('\r', "");
+            // Whatever arrives, not whole lines: prompts such as `login: ` end without a
+            // newline. A UTF-8 sequence cut at the end of a read waits for the next one.
+            let mut r = out;
+            let mut chunk = [0u8; 4096];
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let n = match std::io::Read::read(&mut r, &mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let _ = log.write_all(&chunk[..n]);
+                pending.extend_from_slice(&chunk[..n]);
+                let keep = match std::str::from_utf8(&pending) {
+                    Err(e) if e.error_len().is_none() => pending.len() - e.valid_up_to(),
+                    _ => 0,
+                };
+                let take = pending.len() - keep;
+                let text = String::from_utf8_lossy(&pending[..take]).replace('\r', "");
+                pending.drain(..take);
                 let (m, cv) = &*cons;
-                m.lock().unwrap().push_str(&line);
+                m.lock().unwrap().push_str(&text);
                 cv.notify_all();
-                buf.clear();
             }
         });
         let err = child.stderr.take().expect("piped");
@@ -327,6 +340,28 @@ impl Vm {
 
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<usize> {
         self.wait_for_from(0, needle, timeout)
+    }
+
+    /// Waits for the guest to power itself off (QEMU runs with `-no-reboot`, so a reboot
+    /// inside the guest ends QEMU too). Fails with the console log when it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: QEMU still running {}s after the guest was told to power off\n----- console of {} ({}) -----\n{}\n----- end of console -----",
+                    self.name,
+                    timeout.as_secs(),
+                    self.name,
+                    self.log_path.display(),
+                    tail(&self.console(), 200)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Ends the VM (SIGKILL to our own QEMU process) and waits for it.
