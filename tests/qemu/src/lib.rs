@@ -128,11 +128,17 @@ pub fn cache_dir() -> PathBuf {
 
 /// Builds `config` with the release `clutch` binary; returns the main artifact's path.
 pub fn build_image(config: &Path, formats: &str) -> Result<PathBuf> {
+    build_image_with(config, formats, Some(&bin("clutch-firstboot")))
+}
+
+/// Like [`build_image`]; `firstboot: None` lets `clutch` find (or cross-build) the
+/// clutch-firstboot binary for the board's architecture itself.
+pub fn build_image_with(config: &Path, formats: &str, firstboot: Option<&Path>) -> Result<PathBuf> {
     let name = config.file_stem().unwrap().to_string_lossy().into_owned();
     let out = artifacts().join("out").join(&name);
     let t = Instant::now();
-    let o = Command::new(bin("clutch"))
-        .arg("build")
+    let mut c = Command::new(bin("clutch"));
+    c.arg("build")
         .arg(config)
         .arg("--out")
         .arg(&out)
@@ -141,9 +147,11 @@ pub fn build_image(config: &Path, formats: &str) -> Result<PathBuf> {
         .arg("--format")
         .arg(formats)
         .arg("--data-dir")
-        .arg(workspace())
-        .arg("--firstboot-bin")
-        .arg(bin("clutch-firstboot"))
+        .arg(workspace());
+    if let Some(f) = firstboot {
+        c.arg("--firstboot-bin").arg(f);
+    }
+    let o = c
         .stderr(Stdio::inherit())
         .output()
         .context("running clutch build")?;
@@ -176,6 +184,14 @@ pub struct VmOpts {
     pub memory_mib: u32,
     /// Extra QEMU arguments (network, more disks).
     pub extra: Vec<String>,
+}
+
+/// A kernel, initrd and command line for direct kernel boot (`-kernel`), e.g. taken from an
+/// image's boot partition.
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
 }
 
 /// A running VM whose serial console is captured.
@@ -248,12 +264,69 @@ impl Vm {
             vars = Some(v);
         }
         c.args(&o.extra);
+        Vm::spawn(o.name, log_path, c, vars, "qemu-system-x86")
+    }
+
+    /// Boots an arm64 image's own kernel and initrd (`boot`) on QEMU's `virt` machine under
+    /// TCG, with `o.disk` as a virtio disk and the serial console on the PL011 (ttyAMA0).
+    /// `o.firmware` is not used: the kernel is loaded directly.
+    pub fn start_aarch64(o: VmOpts, boot: &DirectBoot) -> Result<Vm> {
+        let log_path = artifacts().join(format!("{}.console.log", o.name));
+        let mut c = Command::new("qemu-system-aarch64");
+        // cortex-a72 (no pointer authentication) is much faster under TCG than `max`.
+        c.args([
+            "-machine",
+            "virt",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "cortex-a72",
+            "-m",
+        ])
+        .arg(o.memory_mib.to_string())
+        .args([
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&boot.kernel)
+        .arg("-initrd")
+        .arg(&boot.initrd)
+        .arg("-append")
+        .arg(&boot.append)
+        .arg("-drive")
+        .arg(format!(
+            "file={},format={},if=virtio",
+            o.disk.display(),
+            o.format
+        ));
+        c.args(&o.extra);
+        Vm::spawn(o.name, log_path, c, None, "qemu-system-arm")
+    }
+
+    fn spawn(
+        name: String,
+        log_path: PathBuf,
+        mut c: Command,
+        vars: Option<tempfile::NamedTempFile>,
+        package: &str,
+    ) -> Result<Vm> {
         c.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = c
-            .spawn()
-            .context("starting qemu-system-x86_64 (package qemu-system-x86)")?;
+        let mut child = c.spawn().with_context(|| {
+            format!(
+                "starting {} (package {package})",
+                c.get_program().to_string_lossy()
+            )
+        })?;
         let console = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let mut log = std::fs::File::create(&log_path)?;
         let out = child.stdout.take().expect("piped");
@@ -295,7 +368,7 @@ impl Vm {
             }
         });
         Ok(Vm {
-            name: o.name,
+            name,
             child,
             console,
             log_path,
