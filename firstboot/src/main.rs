@@ -104,10 +104,15 @@ fn real_main(cli: Cli) -> Result<()> {
             let board = StatusBoard::new(
                 paths.status_file(),
                 Box::new(|line| {
-                    // stdout is the console (StandardOutput=journal+console).
+                    // stdout goes to the journal; the console (serial included) gets the
+                    // line as it is, without journald's `clutch-firstboot[pid]:` prefix.
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
+                    if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open("/dev/console")
+                    {
+                        let _ = c.write_all(format!("{line}\r\n").as_bytes());
+                    }
                 }),
             );
             let report = clutch_firstboot::run::run(&paths, &RealSys, &board, true);

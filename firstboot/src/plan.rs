@@ -364,7 +364,8 @@ pub fn plan(
     }
     steps.push(Step::every_boot("ssh", ssh(c)));
     steps.push(Step::every_boot("system", system(facts, loaded)));
-    steps.push(Step::every_boot("network", network(c)));
+    let has_wlan0 = facts.links.iter().any(|l| l.name == "wlan0");
+    steps.push(Step::every_boot("network", network(c, has_wlan0)));
     let mut notes = Vec::new();
     if !facts.done.contains("grow-root") {
         match &facts.root_disk {
@@ -592,7 +593,14 @@ fn system(facts: &Facts, loaded: &Loaded) -> Vec<Action> {
 }
 
 const WPA_CONF: &str = "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf";
-const WPA_WANTS: &str = "/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service";
+/// wpa_supplicant is wanted by the wlan0 device, not by multi-user.target: a node without
+/// wlan0 (a VM, a Pi whose radio is disabled) must not wait 90 s for a device that never
+/// comes, and a late wlan0 still gets its supplicant.
+const WPA_WANTS: &str =
+    "/etc/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service";
+/// Where earlier versions linked it.
+const OLD_WPA_WANTS: &str =
+    "/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service";
 
 /// Where earlier clutch-firstboot versions wrote the wired settings; the image now ships them
 /// (`overlays/base/etc/systemd/network/80-clutch-wired.network`), and a left-over file here
@@ -601,8 +609,8 @@ const OLD_WIRED: &str = "/etc/systemd/network/20-clutch-wired.network";
 
 /// Wifi only: wired links are configured by the image (`80-clutch-wired.network`: DHCP with
 /// IPv4 link-local fallback, mDNS off in networkd because clutch answers mDNS itself).
-fn network(c: &NodeConfig) -> Vec<Action> {
-    let mut a = vec![remove(OLD_WIRED)];
+fn network(c: &NodeConfig, has_wlan0: bool) -> Vec<Action> {
+    let mut a = vec![remove(OLD_WIRED), remove(OLD_WPA_WANTS)];
     match &c.wifi {
         Some(w) => {
             a.push(write_secret(
@@ -618,12 +626,15 @@ fn network(c: &NodeConfig) -> Vec<Action> {
                 path: WPA_WANTS.into(),
                 target: "/usr/lib/systemd/system/wpa_supplicant@.service".into(),
             });
-            // The boot transaction was computed before the symlink existed: queue the
-            // start for this boot too (no-block: we run before sysinit.target).
-            a.push(Action::Run(Cmd::new(
-                "systemctl",
-                &["--no-block", "start", "wpa_supplicant@wlan0.service"],
-            )));
+            // The boot transaction was computed before the symlink existed: when wlan0 is
+            // already here, queue the start for this boot too (no-block: we run before
+            // sysinit.target).
+            if has_wlan0 {
+                a.push(Action::Run(Cmd::new(
+                    "systemctl",
+                    &["--no-block", "start", "wpa_supplicant@wlan0.service"],
+                )));
+            }
         }
         None => {
             a.push(remove(WPA_CONF));

@@ -605,6 +605,17 @@ expected_size = 3
 }
 
 #[test]
+fn wpa_supplicant_starts_this_boot_when_wlan0_is_present() {
+    let n = Node::new(Some(&cluster_config()));
+    add_link(n.root(), "wlan0", 7, "b8:27:eb:00:00:07", true, true);
+    let (_, _, calls) = n.boot();
+    assert!(
+        calls.contains(&"run systemctl --no-block start wpa_supplicant@wlan0.service".to_string()),
+        "{calls:?}"
+    );
+}
+
+#[test]
 fn secrets_are_moved_off_the_fat_partition() {
     let n = Node::new(Some(&cluster_config()));
     let (rep, lines, calls) = n.boot();
@@ -644,15 +655,16 @@ fn secrets_are_moved_off_the_fat_partition() {
         &n.read("/etc/systemd/network/30-clutch-wlan0.network"),
     );
     assert_eq!(
-        fs::read_link(
-            n.paths
-                .host("/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service")
-        )
+        fs::read_link(n.paths.host(
+            "/etc/systemd/system/sys-subsystem-net-devices-wlan0.device.wants/wpa_supplicant@wlan0.service"
+        ))
         .unwrap(),
         Path::new("/usr/lib/systemd/system/wpa_supplicant@.service")
     );
+    // This node has no wlan0: nothing may wait for it (multi-user.target would stall 90 s).
+    assert!(!n.exists("/etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service"));
     assert!(
-        calls.contains(&"run systemctl --no-block start wpa_supplicant@wlan0.service".to_string())
+        !calls.contains(&"run systemctl --no-block start wpa_supplicant@wlan0.service".to_string())
     );
     assert_eq!(
         calls.last().unwrap(),
