@@ -237,9 +237,18 @@ mod tests {
         ] {
             assert!(s.packages.contains(p), "{p} missing");
         }
+        let mut b = board();
+        b.wifi_packages = vec!["firmware-brcm80211".to_string().try_into().unwrap()];
+        let without = RootfsSpec::new(&c, &b);
         assert!(
-            !s.packages.contains("wpasupplicant"),
+            !without.packages.contains("firmware-brcm80211"),
             "wifi packages only with [wifi]"
+        );
+        let wifi = cfg("[wifi]\nssid = \"x\"\npsk = \"long enough\"\ncountry = \"GB\"");
+        assert!(
+            RootfsSpec::new(&wifi, &b)
+                .packages
+                .contains("firmware-brcm80211")
         );
     }
 }
