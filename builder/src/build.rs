@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 
 use crate::disk::{self, Ids};
 use crate::fat::{self, FatFile};
-use crate::{atomic, bmap, data, doctor, manifest, output, pxe, repro, rootfs, stage};
+use crate::{
+    atomic, bmap, data, doctor, engine, fetch, manifest, output, pxe, repro, rootfs, stage,
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOpts {
@@ -239,6 +241,15 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             boot_partuuid: boot_uuid.clone(),
         },
     )?;
+    if let Some(c) = &cfg.cluster {
+        engine::install(
+            &staging,
+            c.engine,
+            &board.arch,
+            &fetch::Fetcher::new(&cache)?,
+            |k| std::env::var(k).ok(),
+        )?;
+    }
     let cmdline = kernel_cmdline(&cfg, &board, &root_uuid);
     let boot_files = collect_boot_files(&staging, &board, &cfg, &cmdline, &root_uuid)?;
     // Files written above carry the build's time; clamp them (reproducible builds).

@@ -152,21 +152,21 @@ pub fn hash_file(path: &Path) -> Result<String, FetchError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A one-file HTTP server on loopback for tests of everything that downloads.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{BufRead, BufReader};
+pub(crate) mod test_http {
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A one-file HTTP server on loopback that counts requests; stops when dropped.
-    struct Server {
-        url: String,
-        hits: Arc<AtomicUsize>,
+    /// A one-file HTTP server on loopback that counts requests (answers at most 8).
+    pub struct Server {
+        pub url: String,
+        pub hits: Arc<AtomicUsize>,
     }
 
-    fn serve(body: &'static [u8]) -> Server {
+    pub fn serve(body: &'static [u8]) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/blob", l.local_addr().unwrap());
         let hits = Arc::new(AtomicUsize::new(0));
@@ -190,6 +190,13 @@ mod tests {
         });
         Server { url, hits }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_http::serve;
+    use super::*;
+    use std::sync::atomic::Ordering;
 
     fn sha(b: &[u8]) -> String {
         hex::encode(Sha256::digest(b))

@@ -9,6 +9,7 @@ pub mod cross;
 pub mod data;
 pub mod disk;
 pub mod doctor;
+pub mod engine;
 pub mod fat;
 pub mod fetch;
 pub mod flash;
