@@ -138,6 +138,7 @@ pub fn map_status(s: &clutch_cluster::Status) -> StatusUpdate {
     StatusUpdate {
         leader: Some(leader),
         members: Some(members),
+        waiting: Some(s.waiting.clone()),
         ..StatusUpdate::phase(phase).role(role).error(s.error.clone())
     }
 }
@@ -433,5 +434,25 @@ mod tests {
         );
         let back = crate::status::read_status(b.path()).unwrap();
         assert_eq!(back.leader, "lab-bbbbbb");
+        assert_eq!(back.waiting, "", "a ready node waits for nothing");
+    }
+
+    #[test]
+    fn status_json_says_why_formation_waits() {
+        use crate::status::StatusBoard;
+        let d = tempfile::tempdir().unwrap();
+        let b = StatusBoard::new(d.path().join("status.json"), Box::new(|_| {}));
+        let mut s = status(CPhase::Discovering, Role::None, None);
+        s.waiting = "2/3 nodes authenticated (2 seen), need quorum 3; waiting".into();
+        b.set(map_status(&s));
+        let text = std::fs::read_to_string(b.path()).unwrap();
+        assert!(
+            text.contains(
+                "\"waiting\": \"2/3 nodes authenticated (2 seen), need quorum 3; waiting\""
+            ),
+            "{text}"
+        );
+        let back = crate::status::read_status(b.path()).unwrap();
+        assert!(back.human().contains("waiting:  2/3 nodes authenticated"));
     }
 }

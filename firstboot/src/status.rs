@@ -64,6 +64,10 @@ pub struct Status {
     pub members: Vec<String>,
     pub storage: Vec<StorageStatus>,
     pub error: Option<String>,
+    /// Cluster formation: why this node is waiting (peers seen vs needed, settle time), or
+    /// empty. Beyond SPEC's keys, for people asking "why is it stuck".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub waiting: String,
 }
 
 impl Default for Status {
@@ -77,6 +81,7 @@ impl Default for Status {
             members: Vec::new(),
             storage: Vec::new(),
             error: None,
+            waiting: String::new(),
         }
     }
 }
@@ -132,6 +137,9 @@ impl Status {
                 }
             );
         }
+        if !self.waiting.is_empty() {
+            s += &format!("waiting:  {}\n", self.waiting);
+        }
         if let Some(e) = &self.error {
             s += &format!("error:    {e}\n");
         }
@@ -163,6 +171,9 @@ impl Status {
         if let Some(e) = u.error {
             self.error = e;
         }
+        if let Some(w) = u.waiting {
+            self.waiting = w;
+        }
     }
 }
 
@@ -177,6 +188,7 @@ pub struct StatusUpdate {
     pub members: Option<Vec<String>>,
     pub storage: Option<Vec<StorageStatus>>,
     pub error: Option<Option<String>>,
+    pub waiting: Option<String>,
 }
 
 impl StatusUpdate {
