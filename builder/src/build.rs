@@ -545,19 +545,11 @@ fn add_dir(src: &Path, to: &str, files: &mut Vec<FatFile>) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn cfg(extra: &str) -> ImageConfig {
-        let text = format!(
-            "version = 1\nboard = \"amd64\"\n[user]\nname = \"admin\"\npassword_hash = \"$y$abc\"\n{extra}"
-        );
-        clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap()
-    }
+    use crate::testutil::image_config as cfg;
 
     #[test]
     fn cmdline_has_root_console_and_cgroups() {
-        let b = clutch_config::load_board(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
-        )
-        .unwrap();
+        let b = crate::testutil::board("amd64");
         let c = kernel_cmdline(&cfg("[kernel]\ncmdline = [\"quiet\"]\n"), &b, "ROOT");
         assert!(c.starts_with("root=PARTUUID=ROOT "), "{c}");
         assert!(c.contains("console=ttyS0,115200"));

@@ -335,8 +335,7 @@ mod tests {
     use clutch_config::Size;
 
     fn board() -> Board {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml");
-        clutch_config::load_board(&p).unwrap()
+        crate::testutil::board("amd64")
     }
 
     #[test]

@@ -265,10 +265,7 @@ mod tests {
 
     #[test]
     fn a_pxe_build_needs_squashfs_tools_and_a_foreign_board_needs_emulation() {
-        let b = clutch_config::load_board(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
-        )
-        .unwrap();
+        let b = crate::testutil::board("amd64");
         let pk = |v: &[Tool]| v.iter().map(|t| t.package).collect::<Vec<_>>();
         let plain = needed_for_host(&b, &[Format::Raw], "amd64");
         assert!(!pk(&plain).contains(&"squashfs-tools"));

@@ -22,3 +22,5 @@ pub mod repro;
 pub mod rootfs;
 pub mod serve;
 pub mod stage;
+#[cfg(test)]
+mod testutil;

@@ -210,18 +210,10 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn cfg(extra: &str) -> ImageConfig {
-        let text = format!(
-            "version = 1\nboard = \"amd64\"\n[user]\nname = \"admin\"\npassword_hash = \"$y$abc\"\n{extra}"
-        );
-        clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap()
-    }
+    use crate::testutil::image_config as cfg;
 
     fn board() -> Board {
-        clutch_config::load_board(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
-        )
-        .unwrap()
+        crate::testutil::board("amd64")
     }
 
     #[test]

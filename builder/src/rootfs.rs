@@ -179,18 +179,11 @@ pub fn extract(tar: &Path, dest: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
-    fn cfg(extra: &str) -> ImageConfig {
-        let text = format!(
-            "version = 1\nboard = \"amd64\"\n{extra}\n[user]\nname = \"a\"\npassword_hash = \"$y$x\"\n"
-        );
-        clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap()
-    }
+    use crate::testutil::image_config as cfg;
 
     fn board() -> Board {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml");
-        clutch_config::load_board(&p).unwrap()
+        crate::testutil::board("amd64")
     }
 
     #[test]

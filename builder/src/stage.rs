@@ -401,10 +401,7 @@ mod tests {
 
     #[test]
     fn fstab_names_both_partitions() {
-        let b = clutch_config::load_board(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/amd64.toml"),
-        )
-        .unwrap();
+        let b = crate::testutil::board("amd64");
         let f = fstab(&b, "R-UUID", "B-UUID");
         assert!(f.contains("PARTUUID=R-UUID  /  ext4"));
         assert!(f.contains("PARTUUID=B-UUID  /boot/efi  vfat"));
