@@ -131,19 +131,32 @@ pub fn build_image(config: &Path, formats: &str) -> Result<PathBuf> {
     build_image_with(config, formats, Some(&bin("clutch-firstboot")))
 }
 
-/// Like [`build_image`]; `firstboot: None` lets `clutch` find (or cross-build) the
-/// clutch-firstboot binary for the board's architecture itself.
-pub fn build_image_with(config: &Path, formats: &str, firstboot: Option<&Path>) -> Result<PathBuf> {
-    let name = config.file_stem().unwrap().to_string_lossy().into_owned();
-    let out = artifacts().join("out").join(&name);
-    let t = Instant::now();
+/// `clutch build CONFIG --out OUT --format FORMATS` with the test run's cache, this
+/// checkout's boards and overlays, and `firstboot` (None: clutch finds or cross-builds it).
+pub fn build_command(
+    config: &Path,
+    out: &Path,
+    formats: &str,
+    firstboot: Option<&Path>,
+) -> Command {
+    build_command_in(&cache_dir(), config, out, formats, firstboot)
+}
+
+/// [`build_command`] with another cache folder.
+pub fn build_command_in(
+    cache: &Path,
+    config: &Path,
+    out: &Path,
+    formats: &str,
+    firstboot: Option<&Path>,
+) -> Command {
     let mut c = Command::new(bin("clutch"));
     c.arg("build")
         .arg(config)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .arg("--cache")
-        .arg(cache_dir())
+        .arg(cache)
         .arg("--format")
         .arg(formats)
         .arg("--data-dir")
@@ -151,7 +164,16 @@ pub fn build_image_with(config: &Path, formats: &str, firstboot: Option<&Path>) 
     if let Some(f) = firstboot {
         c.arg("--firstboot-bin").arg(f);
     }
-    let o = c
+    c
+}
+
+/// Like [`build_image`]; `firstboot: None` lets `clutch` find (or cross-build) the
+/// clutch-firstboot binary for the board's architecture itself.
+pub fn build_image_with(config: &Path, formats: &str, firstboot: Option<&Path>) -> Result<PathBuf> {
+    let name = config.file_stem().unwrap().to_string_lossy().into_owned();
+    let out = artifacts().join("out").join(&name);
+    let t = Instant::now();
+    let o = build_command(config, &out, formats, firstboot)
         .stderr(Stdio::inherit())
         .output()
         .context("running clutch build")?;

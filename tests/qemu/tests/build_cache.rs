@@ -10,18 +10,7 @@ use clutch_qemu_tests::*;
 fn build(config: &std::path::Path) -> (std::path::PathBuf, String, f64) {
     let out = artifacts().join("out").join(config.file_stem().unwrap());
     let t = Instant::now();
-    let o = Command::new(bin("clutch"))
-        .arg("build")
-        .arg(config)
-        .arg("--out")
-        .arg(&out)
-        .arg("--cache")
-        .arg(cache_dir())
-        .args(["--format", "raw"])
-        .arg("--data-dir")
-        .arg(workspace())
-        .arg("--firstboot-bin")
-        .arg(bin("clutch-firstboot"))
+    let o = build_command(config, &out, "raw", Some(&bin("clutch-firstboot")))
         .output()
         .unwrap();
     let secs = t.elapsed().as_secs_f64();

@@ -6,17 +6,7 @@ use std::process::Command;
 use clutch_qemu_tests::*;
 
 fn clutch_build(config: &std::path::Path, out: &std::path::Path) -> std::process::Output {
-    Command::new(bin("clutch"))
-        .arg("build")
-        .arg(config)
-        .arg("--out")
-        .arg(out)
-        .arg("--cache")
-        .arg(cache_dir())
-        .args(["--format", "raw,qcow2", "--data-dir"])
-        .arg(workspace())
-        .arg("--firstboot-bin")
-        .arg(bin("clutch-firstboot"))
+    build_command(config, out, "raw,qcow2", Some(&bin("clutch-firstboot")))
         .output()
         .unwrap()
 }

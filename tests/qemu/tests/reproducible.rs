@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use clutch_qemu_tests::{artifacts, bin, cache_dir, test_config, workspace};
+use clutch_qemu_tests::{artifacts, bin, build_command, test_config};
 use serde_json::Value;
 
 const EPOCH: &str = "1700000000";
@@ -23,18 +23,8 @@ const EPOCH: &str = "1700000000";
 fn build(config: &Path, out: &Path) -> Value {
     let _ = std::fs::remove_dir_all(out);
     let t = Instant::now();
-    let o = Command::new(bin("clutch"))
-        .arg("build")
-        .arg(config)
-        .arg("--out")
-        .arg(out)
-        .arg("--cache")
-        .arg(cache_dir())
-        .args(["--format", "raw,bmap", "--json"])
-        .arg("--data-dir")
-        .arg(workspace())
-        .arg("--firstboot-bin")
-        .arg(bin("clutch-firstboot"))
+    let o = build_command(config, out, "raw,bmap", Some(&bin("clutch-firstboot")))
+        .arg("--json")
         .env("SOURCE_DATE_EPOCH", EPOCH)
         .env("CLUTCH_PROGRESS", "plain")
         .stderr(Stdio::inherit())

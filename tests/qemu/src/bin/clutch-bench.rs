@@ -28,18 +28,8 @@ fn build(config: &Path, cache: &Path, formats: &str) -> Result<(PathBuf, f64)> {
     let out = artifacts().join("bench").join(config.file_stem().unwrap());
     let _ = std::fs::remove_dir_all(&out);
     let t = Instant::now();
-    let o = Command::new(bin("clutch"))
-        .arg("build")
-        .arg(config)
-        .arg("--out")
-        .arg(&out)
-        .arg("--cache")
-        .arg(cache)
-        .args(["--format", formats, "--data-dir"])
-        .arg(workspace())
-        .arg("--firstboot-bin")
-        .arg(bin("clutch-firstboot"))
-        .output()?;
+    let o =
+        build_command_in(cache, config, &out, formats, Some(&bin("clutch-firstboot"))).output()?;
     if !o.status.success() {
         bail!("build failed: {}", String::from_utf8_lossy(&o.stderr));
     }
