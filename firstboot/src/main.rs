@@ -69,6 +69,22 @@ fn peak_rss_kib() -> (i64, i64) {
     (get(libc::RUSAGE_SELF), get(libc::RUSAGE_CHILDREN))
 }
 
+/// Every active kernel console (`console=serial0 console=tty1` on a Pi is serial and HDMI;
+/// /dev/console alone is only the last one), else /dev/console.
+fn console_devices() -> Vec<PathBuf> {
+    let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+    let v: Vec<PathBuf> = active
+        .split_whitespace()
+        .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(|n| Path::new("/dev").join(n))
+        .collect();
+    if v.is_empty() {
+        vec![PathBuf::from("/dev/console")]
+    } else {
+        v
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -109,9 +125,10 @@ fn real_main(cli: Cli) -> Result<()> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
-                    if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open("/dev/console")
-                    {
-                        let _ = c.write_all(format!("{line}\r\n").as_bytes());
+                    for dev in console_devices() {
+                        if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open(&dev) {
+                            let _ = c.write_all(format!("{line}\r\n").as_bytes());
+                        }
                     }
                 }),
             );
