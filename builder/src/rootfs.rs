@@ -125,6 +125,8 @@ pub fn ensure(cache: &Path, spec: &RootfsSpec) -> Result<(PathBuf, bool)> {
         return Ok((tar, true));
     }
     let tmp = atomic::temp_path(&tar);
+    // A build killed mid-way (power cut, CI timeout) leaves its partial tarball behind.
+    let _ = std::fs::remove_file(&tmp);
     let mut guard = atomic::TempGuard::new(tmp.clone());
     if spec.foreign.is_some() {
         crate::foreign::ensure_binfmt(&spec.arch)?;
