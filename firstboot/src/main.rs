@@ -1,4 +1,3 @@
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -69,22 +68,6 @@ fn peak_rss_kib() -> (i64, i64) {
     (get(libc::RUSAGE_SELF), get(libc::RUSAGE_CHILDREN))
 }
 
-/// Every active kernel console (`console=serial0 console=tty1` on a Pi is serial and HDMI;
-/// /dev/console alone is only the last one), else /dev/console.
-fn console_devices() -> Vec<PathBuf> {
-    let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
-    let v: Vec<PathBuf> = active
-        .split_whitespace()
-        .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric()))
-        .map(|n| Path::new("/dev").join(n))
-        .collect();
-    if v.is_empty() {
-        vec![PathBuf::from("/dev/console")]
-    } else {
-        v
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -122,14 +105,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 Box::new(|line| {
                     // stdout goes to the journal; the console (serial included) gets the
                     // line as it is, without journald's `clutch-firstboot[pid]:` prefix.
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                    for dev in console_devices() {
-                        if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open(&dev) {
-                            let _ = c.write_all(format!("{line}\r\n").as_bytes());
-                        }
-                    }
+                    status::print_console(line);
                 }),
             );
             let report = clutch_firstboot::run::run(&paths, &RealSys, &board, true);

@@ -247,11 +247,11 @@ pub fn prepare_from_server(paths: &Paths) -> Result<Option<String>, String> {
     })?;
     if url.is_some() {
         match place_storage(paths, &crate::sys::RealSys) {
-            Ok(home) => println!("{}", home.line()),
-            Err(e) => println!(
+            Ok(home) => crate::status::print_console(&home.line()),
+            Err(e) => crate::status::print_console(&format!(
                 "clutch: netboot: local storage disk not used ({e}); {}",
                 StorageHome::Ram.line()
-            ),
+            )),
         }
     }
     Ok(url)

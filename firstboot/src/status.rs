@@ -282,6 +282,36 @@ pub fn read_status(path: &Path) -> io::Result<Status> {
     serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Every active kernel console (`console=serial0 console=tty1` on a Pi is serial and HDMI;
+/// /dev/console alone is only the last one), else /dev/console.
+pub fn console_devices() -> Vec<std::path::PathBuf> {
+    let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+    let v: Vec<std::path::PathBuf> = active
+        .split_whitespace()
+        .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(|n| std::path::Path::new("/dev").join(n))
+        .collect();
+    if v.is_empty() {
+        vec![std::path::PathBuf::from("/dev/console")]
+    } else {
+        v
+    }
+}
+
+/// A line for people at the node: to stdout (the journal) and to every active console as
+/// it is (journald's forwarding would prefix it with `clutch-firstboot[pid]:`).
+pub fn print_console(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    for dev in console_devices() {
+        if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open(&dev) {
+            let _ = c.write_all(format!("{line}\r\n").as_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
