@@ -248,29 +248,26 @@ pub fn overlay(base: &Path, name: &str, size: Option<&str>) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// What every test VM has: one vCPU, no display or monitor, the serial console on stdio
+/// (read by the harness), no reboot, and `o.disk` as a virtio disk.
+fn headless(c: &mut Command, o: &VmOpts) {
+    c.arg("-m")
+        .arg(o.memory_mib.to_string())
+        .args(["-smp", "1", "-display", "none", "-monitor", "none"])
+        .args(["-serial", "stdio", "-no-reboot", "-drive"])
+        .arg(format!(
+            "file={},format={},if=virtio",
+            o.disk.display(),
+            o.format
+        ));
+}
+
 impl Vm {
     pub fn start(o: VmOpts) -> Result<Vm> {
         let log_path = artifacts().join(format!("{}.console.log", o.name));
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-machine", "pc", "-accel", "tcg", "-m"])
-            .arg(o.memory_mib.to_string())
-            .args([
-                "-smp",
-                "1",
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format={},if=virtio",
-                o.disk.display(),
-                o.format
-            ));
+        c.args(["-machine", "pc", "-accel", "tcg"]);
+        headless(&mut c, &o);
         let mut vars = None;
         if o.firmware == Firmware::Uefi {
             let v = tempfile::NamedTempFile::new_in(artifacts())?;
@@ -296,39 +293,14 @@ impl Vm {
         let log_path = artifacts().join(format!("{}.console.log", o.name));
         let mut c = Command::new("qemu-system-aarch64");
         // cortex-a72 (no pointer authentication) is much faster under TCG than `max`.
-        c.args([
-            "-machine",
-            "virt",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "cortex-a72",
-            "-m",
-        ])
-        .arg(o.memory_mib.to_string())
-        .args([
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&boot.kernel)
-        .arg("-initrd")
-        .arg(&boot.initrd)
-        .arg("-append")
-        .arg(&boot.append)
-        .arg("-drive")
-        .arg(format!(
-            "file={},format={},if=virtio",
-            o.disk.display(),
-            o.format
-        ));
+        c.args(["-machine", "virt", "-accel", "tcg", "-cpu", "cortex-a72"]);
+        headless(&mut c, &o);
+        c.arg("-kernel")
+            .arg(&boot.kernel)
+            .arg("-initrd")
+            .arg(&boot.initrd)
+            .arg("-append")
+            .arg(&boot.append);
         c.args(&o.extra);
         Vm::spawn(o.name, log_path, c, None, "qemu-system-arm")
     }
