@@ -203,8 +203,11 @@ pub fn qemu_cmd(s: &LabState, n: &NodeSpec) -> Vec<String> {
         "none",
         "-monitor",
         "none",
+        // Appended, not truncated: `lab start` powers a node on again on the same log.
+        "-chardev",
+        &format!("file,id=console,path={},append=on", n.console.display()),
         "-serial",
-        &format!("file:{}", n.console.display()),
+        "chardev:console",
         "-drive",
         &format!("file={},format=qcow2,if=virtio", n.overlay.display()),
         "-netdev",
@@ -260,6 +263,28 @@ pub fn phase_lines(console: &str) -> Vec<PhaseLine> {
     out
 }
 
+/// Starts the line that `lab start` writes into a node's console log before powering the
+/// node on again, so one log keeps every boot and readers can tell the boots apart.
+pub const BOOT_MARKER: &str = "----- clutch lab: powered on again";
+
+/// The marker line for a node's `boot`-th power-on (2 for the first `lab start`).
+pub fn boot_marker(n: &NodeSpec, boot: usize) -> String {
+    format!("\n{BOOT_MARKER}: {} boot {boot} -----\n", n.name)
+}
+
+/// How many times the node in this console log was powered on (markers + 1).
+pub fn boots(console: &str) -> usize {
+    console.matches(BOOT_MARKER).count() + 1
+}
+
+/// The part of a console log that belongs to the latest power-on.
+pub fn current_boot(console: &str) -> &str {
+    match console.rfind(BOOT_MARKER) {
+        Some(i) => &console[i..],
+        None => console,
+    }
+}
+
 /// One line of `clutch lab status` for a node.
 pub fn status_line(n: &NodeSpec, running: bool, last: Option<&PhaseLine>) -> String {
     let state = if running { "running" } else { "stopped" };
@@ -282,6 +307,8 @@ pub trait Host {
     fn live_pid(&self, pidfile: &Path, marker: &str) -> Option<u32>;
     /// SIGTERM, then SIGKILL after a while; waits until the process is gone.
     fn stop(&self, pid: u32);
+    /// SIGKILL right away (a power cut for a VM); waits until the process is gone.
+    fn kill(&self, pid: u32);
 }
 
 pub struct RealHost;
@@ -300,23 +327,30 @@ impl Host for RealHost {
         cmdline.contains(marker).then_some(pid)
     }
     fn stop(&self, pid: u32) {
-        let alive = || Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid);
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        let t = Instant::now();
-        while alive() && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(100));
+        wait_gone(pid, Duration::from_secs(5));
+        if alive(pid) {
+            self.kill(pid);
         }
-        if alive() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let t = Instant::now();
-            while alive() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+    }
+    fn kill(&self, pid: u32) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        wait_gone(pid, Duration::from_secs(10));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
+}
+
+fn wait_gone(pid: u32, timeout: Duration) {
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -398,6 +432,75 @@ pub fn up(host: &dyn Host, s: &LabState, disk_size: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+/// The node called `name` (`node0`, `node1`, ...).
+pub fn find_node<'a>(s: &'a LabState, name: &str) -> Result<&'a NodeSpec> {
+    s.nodes.iter().find(|n| n.name == name).with_context(|| {
+        let names: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
+        format!(
+            "no node `{name}` in the lab in {} (nodes: {})",
+            s.dir.display(),
+            names.join(", ")
+        )
+    })
+}
+
+fn qemu_marker(n: &NodeSpec) -> String {
+    n.pidfile.display().to_string()
+}
+
+/// Powers a stopped (or killed) node on again: the same overlay disk, MAC, tap and address;
+/// its console log gets a [`boot_marker`] and the new boot is appended after it. Returns
+/// the boot number (2 for the first restart).
+pub fn start(host: &dyn Host, s: &LabState, name: &str) -> Result<usize> {
+    let n = find_node(s, name)?;
+    if let Some(pid) = host.live_pid(&n.pidfile, &qemu_marker(n)) {
+        bail!("{name} is already running (pid {pid}); `clutch lab kill {name}` first");
+    }
+    if !host.netns_exists(&s.namespace) {
+        bail!(
+            "the lab's namespace {} is gone; run `clutch lab down --dir {d}` and `clutch lab up` again",
+            s.namespace,
+            d = s.dir.display()
+        );
+    }
+    if !n.overlay.is_file() {
+        bail!("{name}: its disk {} is missing", n.overlay.display());
+    }
+    let _ = std::fs::remove_file(&n.pidfile);
+    let old = std::fs::read(&n.console).unwrap_or_default();
+    let boot = boots(&String::from_utf8_lossy(&old)) + 1;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.console)
+            .with_context(|| format!("{}", n.console.display()))?;
+        f.write_all(boot_marker(n, boot).as_bytes())
+            .with_context(|| format!("{}", n.console.display()))?;
+    }
+    host.run(&qemu_cmd(s, n))
+        .with_context(|| format!("starting {name}"))?;
+    tracing::info!(node = %n.name, mac = %n.mac, ip = %n.ip, boot, "powered on again");
+    Ok(boot)
+}
+
+/// Cuts a node's power: SIGKILL to its QEMU (found by pidfile, so only our own process).
+/// Returns the pid that was killed, `None` when the node was not running.
+pub fn kill(host: &dyn Host, s: &LabState, name: &str) -> Result<Option<u32>> {
+    let n = find_node(s, name)?;
+    let Some(pid) = host.live_pid(&n.pidfile, &qemu_marker(n)) else {
+        return Ok(None);
+    };
+    host.kill(pid);
+    if host.live_pid(&n.pidfile, &qemu_marker(n)).is_some() {
+        bail!("{name}: QEMU (pid {pid}) survived SIGKILL");
+    }
+    let _ = std::fs::remove_file(&n.pidfile);
+    tracing::info!(node = %n.name, pid, "power cut");
+    Ok(Some(pid))
+}
+
 /// What `down` did, for the message.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DownReport {
@@ -416,8 +519,7 @@ pub fn down(host: &dyn Host, dir: &Path) -> Result<DownReport> {
         .unwrap_or_else(|| ns_name(dir));
     if let Some(s) = &state {
         for n in &s.nodes {
-            let marker = n.pidfile.display().to_string();
-            if let Some(pid) = host.live_pid(&n.pidfile, &marker) {
+            if let Some(pid) = host.live_pid(&n.pidfile, &qemu_marker(n)) {
                 host.stop(pid);
                 rep.stopped.push(format!("{} (pid {pid})", n.name));
             }
@@ -471,6 +573,20 @@ pub enum LabCmd {
         #[arg(long, default_value = "clutch-lab")]
         dir: PathBuf,
     },
+    /// Power a stopped or killed node on again, on its own disk, MAC and address (its
+    /// console log is appended to, after a `powered on again` line).
+    Start {
+        /// The node's name as `lab up` and `lab status` print it (node0, node1, ...).
+        node: String,
+        #[arg(long, default_value = "clutch-lab")]
+        dir: PathBuf,
+    },
+    /// Cut a node's power (SIGKILL to its QEMU); `lab start` boots it again.
+    Kill {
+        node: String,
+        #[arg(long, default_value = "clutch-lab")]
+        dir: PathBuf,
+    },
     /// Stop the VMs and remove the namespace (safe to run twice).
     Down {
         #[arg(long, default_value = "clutch-lab")]
@@ -480,6 +596,11 @@ pub enum LabCmd {
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("{}", p.display()))
+}
+
+fn existing_lab(dir: &Path) -> Result<LabState> {
+    let dir = absolute(dir)?;
+    load_state(&dir)?.with_context(|| format!("no lab in {} (no {STATE_FILE})", dir.display()))
 }
 
 pub fn run(c: LabCmd) -> Result<bool> {
@@ -532,18 +653,35 @@ pub fn run(c: LabCmd) -> Result<bool> {
             Ok(true)
         }
         LabCmd::Status { dir } => {
-            let dir = absolute(&dir)?;
-            let Some(s) = load_state(&dir)? else {
-                bail!("no lab in {} (no {STATE_FILE})", dir.display());
-            };
+            let s = existing_lab(&dir)?;
             println!("namespace={}", s.namespace);
             for n in &s.nodes {
-                let running = RealHost
-                    .live_pid(&n.pidfile, &n.pidfile.display().to_string())
-                    .is_some();
+                let running = RealHost.live_pid(&n.pidfile, &qemu_marker(n)).is_some();
                 let text = std::fs::read(&n.console).unwrap_or_default();
-                let lines = phase_lines(&String::from_utf8_lossy(&text));
+                let lines = phase_lines(current_boot(&String::from_utf8_lossy(&text)));
                 println!("{}", status_line(n, running, lines.last()));
+            }
+            Ok(true)
+        }
+        LabCmd::Start { node, dir } => {
+            let s = existing_lab(&dir)?;
+            let boot = start(&RealHost, &s, &node)?;
+            let n = find_node(&s, &node)?;
+            println!(
+                "{}\tip={}\tmac={}\tpidfile={}\tconsole={}\tboot={boot}",
+                n.name,
+                n.ip,
+                n.mac,
+                n.pidfile.display(),
+                n.console.display()
+            );
+            Ok(true)
+        }
+        LabCmd::Kill { node, dir } => {
+            let s = existing_lab(&dir)?;
+            match kill(&RealHost, &s, &node)? {
+                Some(pid) => println!("killed {node} (pid {pid})"),
+                None => println!("{node} was not running"),
             }
             Ok(true)
         }
@@ -619,6 +757,11 @@ mod tests {
             assert!(j.contains(&format!("mac={}", n.mac)));
             assert!(j.contains("-accel tcg") && j.contains("-smp 1") && j.contains("-m 768"));
             assert!(j.contains(&format!("-pidfile {}", n.pidfile.display())));
+            // The console log is appended to, so a node powered on again keeps its history.
+            assert!(j.contains(&format!(
+                "file,id=console,path={},append=on",
+                n.console.display()
+            )));
             let o = overlay_cmd(&s, n, Some(5 << 30));
             assert_eq!(o[5..7], ["-F", "raw"]);
             assert_eq!(o.last().unwrap(), &(5u64 << 30).to_string());
@@ -651,11 +794,22 @@ mod tests {
         assert!(phase_lines("nothing here\n").is_empty());
     }
 
-    /// Records commands; fails the one that matches `fail_on`.
+    /// Records commands; fails the one that matches `fail_on`. `running` maps pidfiles of
+    /// live processes to their pids.
     struct Fake {
         log: RefCell<Vec<String>>,
         ns: RefCell<bool>,
         fail_on: Option<&'static str>,
+        running: RefCell<std::collections::BTreeMap<PathBuf, u32>>,
+    }
+
+    fn fake(fail_on: Option<&'static str>) -> Fake {
+        Fake {
+            log: RefCell::new(vec![]),
+            ns: RefCell::new(false),
+            fail_on,
+            running: RefCell::new(Default::default()),
+        }
     }
     impl Host for Fake {
         fn run(&self, argv: &[String]) -> Result<String> {
@@ -675,21 +829,25 @@ mod tests {
         fn netns_exists(&self, _: &str) -> bool {
             *self.ns.borrow()
         }
-        fn live_pid(&self, _: &Path, _: &str) -> Option<u32> {
-            None
+        fn live_pid(&self, pidfile: &Path, marker: &str) -> Option<u32> {
+            assert_eq!(marker, pidfile.display().to_string());
+            self.running.borrow().get(pidfile).copied()
         }
-        fn stop(&self, _: u32) {}
+        fn stop(&self, pid: u32) {
+            self.log.borrow_mut().push(format!("stop {pid}"));
+            self.running.borrow_mut().retain(|_, p| *p != pid);
+        }
+        fn kill(&self, pid: u32) {
+            self.log.borrow_mut().push(format!("kill -KILL {pid}"));
+            self.running.borrow_mut().retain(|_, p| *p != pid);
+        }
     }
 
     #[test]
     fn failed_up_removes_the_namespace_and_down_is_idempotent() {
         let t = tempfile::tempdir().unwrap();
         let s = lab(t.path());
-        let f = Fake {
-            log: RefCell::new(vec![]),
-            ns: RefCell::new(false),
-            fail_on: Some("ifname=tap1"),
-        };
+        let f = fake(Some("ifname=tap1"));
         let e = up(&f, &s, None).unwrap_err();
         assert!(format!("{e:#}").contains("starting node1"), "{e:#}");
         let log = f.log.borrow().clone();
@@ -709,16 +867,99 @@ mod tests {
     fn up_refuses_an_existing_lab_and_records_state_first() {
         let t = tempfile::tempdir().unwrap();
         let s = lab(t.path());
-        let f = Fake {
-            log: RefCell::new(vec![]),
-            ns: RefCell::new(false),
-            fail_on: None,
-        };
+        let f = fake(None);
         up(&f, &s, None).unwrap();
         assert_eq!(load_state(t.path()).unwrap().unwrap(), s);
         assert!(up(&f, &s, None).is_err());
         let r = down(&f, t.path()).unwrap();
         assert_eq!(r.namespace_removed.as_deref(), Some(s.namespace.as_str()));
         assert!(load_state(t.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn kill_cuts_only_a_running_node_by_its_pid() {
+        let t = tempfile::tempdir().unwrap();
+        let s = lab(t.path());
+        let f = fake(None);
+        up(&f, &s, None).unwrap();
+        let n1 = &s.nodes[1];
+        std::fs::write(&n1.pidfile, "4242\n").unwrap();
+        f.running.borrow_mut().insert(n1.pidfile.clone(), 4242);
+        f.running
+            .borrow_mut()
+            .insert(s.nodes[2].pidfile.clone(), 4343);
+        assert_eq!(kill(&f, &s, "node1").unwrap(), Some(4242));
+        assert_eq!(f.log.borrow().last().unwrap(), "kill -KILL 4242");
+        assert!(!n1.pidfile.exists(), "the dead node's pidfile is removed");
+        assert_eq!(
+            f.running.borrow().values().copied().collect::<Vec<_>>(),
+            vec![4343],
+            "the other node keeps running"
+        );
+        // Not running any more: nothing to kill, nothing run.
+        let n = f.log.borrow().len();
+        assert_eq!(kill(&f, &s, "node1").unwrap(), None);
+        assert_eq!(f.log.borrow().len(), n);
+        let e = kill(&f, &s, "node7").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("nodes: node0, node1, node2"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn start_boots_the_same_disk_mac_and_tap_and_appends_to_the_console() {
+        let t = tempfile::tempdir().unwrap();
+        let s = lab(t.path());
+        let f = fake(None);
+        up(&f, &s, None).unwrap();
+        let n1 = &s.nodes[1];
+        let first_boot = f
+            .log
+            .borrow()
+            .iter()
+            .find(|l| l.contains("qemu-system-x86_64") && l.contains("ifname=tap1"))
+            .cloned()
+            .unwrap();
+        // A running node is not started twice.
+        f.running.borrow_mut().insert(n1.pidfile.clone(), 7);
+        let e = start(&f, &s, "node1").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("already running (pid 7)"),
+            "{e:#}"
+        );
+        f.running.borrow_mut().clear();
+        // The overlay (made by qemu-img, which the fake does not run) must be there.
+        let e = start(&f, &s, "node1").unwrap_err();
+        assert!(format!("{e:#}").contains("node1.qcow2"), "{e:#}");
+        std::fs::write(&n1.overlay, b"qcow2").unwrap();
+        std::fs::write(
+            &n1.console,
+            "boot one\nclutch: phase=joining host=lab-1 role=server members=2\n",
+        )
+        .unwrap();
+        std::fs::write(&n1.pidfile, "99\n").unwrap();
+        assert_eq!(start(&f, &s, "node1").unwrap(), 2);
+        assert_eq!(
+            f.log.borrow().last().unwrap(),
+            &first_boot,
+            "same QEMU command: same overlay, MAC, tap, console and pidfile"
+        );
+        assert!(!n1.pidfile.exists(), "the stale pidfile is gone");
+        let log = std::fs::read_to_string(&n1.console).unwrap();
+        assert!(log.starts_with("boot one\n"), "the old boot is kept: {log}");
+        assert!(log.contains("node1 boot 2"), "{log}");
+        // Until the new boot prints a phase line, status shows it booting, not joining.
+        assert!(phase_lines(current_boot(&log)).is_empty());
+        assert_eq!(phase_lines(&log).len(), 1);
+        let log2 = log + "clutch: phase=ready host=lab-1 role=server members=3\n";
+        assert_eq!(phase_lines(current_boot(&log2))[0].phase, "ready");
+        assert_eq!(boots(&log2), 2);
+        // Boot numbers go on; with the namespace gone, start refuses.
+        assert_eq!(start(&f, &s, "node1").unwrap(), 3);
+        down(&f, t.path()).unwrap();
+        save_state(&s).unwrap();
+        let e = start(&f, &s, "node1").unwrap_err();
+        assert!(format!("{e:#}").contains("namespace"), "{e:#}");
     }
 }
