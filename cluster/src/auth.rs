@@ -1,21 +1,25 @@
 //! Mutual challenge–response authentication (pure, no I/O).
 //!
 //! Flow on one TCP connection (initiator I, responder R, shared token K):
-//! 1. I → R `Hello{cluster_id, node_id_I, nonce_I}`
+//! 1. I → R `Hello{cluster_id, node_id_I, nonce_I, to}` (`to`: the address I dialled)
 //! 2. R → I `Hello{cluster_id, node_id_R, nonce_R}`
 //! 3. I → R `Proof{HMAC(K, T ‖ "initiator")}`
 //! 4. R → I `Proof{HMAC(K, T ‖ "responder")}` — only after R verified I's proof.
 //!
-//! T binds the protocol version, cluster id, both node ids and both fresh nonces, so a
-//! recorded proof is useless on any other connection (the other side's nonce differs) and a
-//! proof from one direction cannot be reflected back. A responder never proves anything to a
+//! T binds the protocol version, cluster id, both node ids, both fresh nonces and the
+//! address I dialled, so a recorded proof is useless on any other connection (the other
+//! side's nonce differs) and a proof from one direction cannot be reflected back. R accepts
+//! a hello only when `to` is its own end of the connection: a stranger that advertises
+//! itself on mDNS and relays a node's bytes to a real member (a machine-in-the-middle
+//! without the token) cannot complete the handshake, so no session, vote or join ever runs
+//! through it. A responder never proves anything to a
 //! peer that has not proven the token first, so strangers learn nothing but the public
 //! cluster id. After the handshake both sides derive a session key
 //! `HMAC(K, T ‖ "session")`; every following message carries a MAC over
 //! direction, sequence number and body (see [`Session`]).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -26,7 +30,8 @@ use crate::id::NodeId;
 
 type HmacSha256 = Hmac<Sha256>;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the initiator's hello carries (and the transcript binds) the address it dialled.
+pub const PROTOCOL_VERSION: u32 = 2;
 const NONCE_LEN: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +41,9 @@ pub struct Hello {
     pub node_id: NodeId,
     /// Hex of 32 random bytes.
     pub nonce: String,
+    /// Initiator only: the responder address it dialled (bound into the transcript).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +61,11 @@ pub enum AuthError {
     OwnId,
     #[error("malformed nonce")]
     BadNonce,
+    #[error("peer dialled {dialled:?}, but this end is {local} (relayed connection?)")]
+    WrongAddress {
+        dialled: Option<SocketAddr>,
+        local: SocketAddr,
+    },
     #[error("proof does not verify (wrong token or replayed handshake)")]
     BadProof,
     #[error("message MAC does not verify")]
@@ -82,14 +95,16 @@ fn check_hello(h: &Hello, cluster_id: &str, me: &NodeId) -> Result<(), AuthError
 }
 
 fn transcript(cluster_id: &str, initiator: &Hello, responder: &Hello) -> Vec<u8> {
+    let to = initiator.to.map(|a| a.to_string()).unwrap_or_default();
     let mut t = Vec::new();
     for part in [
-        "clutch-auth-v1",
+        "clutch-auth-v2",
         cluster_id,
         initiator.node_id.as_str(),
         responder.node_id.as_str(),
         &initiator.nonce,
         &responder.nonce,
+        &to,
     ] {
         t.extend_from_slice(part.as_bytes());
         t.push(0);
@@ -152,8 +167,15 @@ impl Initiator {
                 cluster_id: cluster_id.to_string(),
                 node_id: me,
                 nonce: hex::encode(nonce),
+                to: None,
             },
         }
+    }
+    /// Bind the responder address being dialled into the handshake (always do this on a
+    /// real connection: it is what makes relaying the handshake fail).
+    pub fn dialing(mut self, to: SocketAddr) -> Self {
+        self.hello.to = Some(to);
+        self
     }
     pub fn hello(&self) -> &Hello {
         &self.hello
@@ -191,6 +213,7 @@ pub struct Responder {
     cluster_id: String,
     me: NodeId,
     nonce: [u8; NONCE_LEN],
+    local: SocketAddr,
 }
 
 pub struct ResponderAwaitingProof {
@@ -200,21 +223,37 @@ pub struct ResponderAwaitingProof {
 }
 
 impl Responder {
-    pub fn new(token: &str, cluster_id: &str, me: NodeId, nonce: [u8; NONCE_LEN]) -> Self {
+    /// `local`: this end of the accepted connection (the address the initiator must have
+    /// dialled).
+    pub fn new(
+        token: &str,
+        cluster_id: &str,
+        me: NodeId,
+        nonce: [u8; NONCE_LEN],
+        local: SocketAddr,
+    ) -> Self {
         Responder {
             token: token.to_string(),
             cluster_id: cluster_id.to_string(),
             me,
             nonce,
+            local,
         }
     }
     pub fn on_hello(self, i: &Hello) -> Result<(ResponderAwaitingProof, Hello), AuthError> {
         check_hello(i, &self.cluster_id, &self.me)?;
+        if i.to != Some(self.local) {
+            return Err(AuthError::WrongAddress {
+                dialled: i.to,
+                local: self.local,
+            });
+        }
         let r = Hello {
             v: PROTOCOL_VERSION,
             cluster_id: self.cluster_id.clone(),
             node_id: self.me,
             nonce: hex::encode(self.nonce),
+            to: None,
         };
         let t = transcript(&self.cluster_id, i, &r);
         Ok((
@@ -379,6 +418,7 @@ mod tests {
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef-token";
     const CID: &str = "cid";
+    const AT: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)), 7373);
 
     fn id(s: &str) -> NodeId {
         s.parse().unwrap()
@@ -390,8 +430,8 @@ mod tests {
         ni: [u8; 32],
         nr: [u8; 32],
     ) -> (Result<Session, AuthError>, Option<Session>) {
-        let i = Initiator::new(ti, CID, id("aaa"), ni);
-        let r = Responder::new(tr, CID, id("bbb"), nr);
+        let i = Initiator::new(ti, CID, id("aaa"), ni).dialing(AT);
+        let r = Responder::new(tr, CID, id("bbb"), nr, AT);
         let (r, rh) = r.on_hello(i.hello()).unwrap();
         let (i, ip) = i.on_hello(&rh).unwrap();
         match r.on_proof(&ip) {
@@ -437,14 +477,14 @@ mod tests {
     fn replayed_initiator_proof_fails_with_fresh_responder_nonce() {
         let ni = fresh_nonce();
         // Record a genuine exchange.
-        let i = Initiator::new(TOKEN, CID, id("aaa"), ni);
-        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let i = Initiator::new(TOKEN, CID, id("aaa"), ni).dialing(AT);
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         let (r, rh) = r.on_hello(i.hello()).unwrap();
         let recorded_hello = i.hello().clone();
         let (_i, recorded_proof) = i.on_hello(&rh).unwrap();
         assert!(r.on_proof(&recorded_proof).is_ok());
         // An attacker replays the recorded hello and proof to a new responder session.
-        let r2 = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let r2 = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         let (r2, _) = r2.on_hello(&recorded_hello).unwrap();
         assert_eq!(
             r2.on_proof(&recorded_proof).err(),
@@ -455,27 +495,55 @@ mod tests {
     #[test]
     fn reflected_proof_is_rejected() {
         // The initiator's proof must not pass as the responder's.
-        let i = Initiator::new(TOKEN, CID, id("aaa"), fresh_nonce());
-        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let i = Initiator::new(TOKEN, CID, id("aaa"), fresh_nonce()).dialing(AT);
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         let (_r, rh) = r.on_hello(i.hello()).unwrap();
         let (i, ip) = i.on_hello(&rh).unwrap();
         assert_eq!(i.on_proof(&ip).err(), Some(AuthError::BadProof));
     }
 
     #[test]
+    fn relayed_handshake_fails() {
+        // A relay M advertises itself; node I dials M, and M passes the bytes to the real R.
+        let m: SocketAddr = "10.0.0.66:7373".parse().unwrap();
+        let i = Initiator::new(TOKEN, CID, id("aaa"), fresh_nonce()).dialing(m);
+        // R refuses a hello addressed to another end of the connection, or to none.
+        for to in [Some(m), None] {
+            let mut h = i.hello().clone();
+            h.to = to;
+            let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
+            assert_eq!(
+                r.on_hello(&h).err(),
+                Some(AuthError::WrongAddress {
+                    dialled: to,
+                    local: AT
+                })
+            );
+        }
+        // M rewrites the address: R answers, but I's proof binds the address I dialled.
+        let mut h = i.hello().clone();
+        h.to = Some(AT);
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
+        let (r, rh) = r.on_hello(&h).unwrap();
+        let (_, proof) = i.on_hello(&rh).unwrap();
+        assert_eq!(r.on_proof(&proof).err(), Some(AuthError::BadProof));
+    }
+
+    #[test]
     fn hello_checks() {
-        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         let mut h = Initiator::new(TOKEN, "other", id("aaa"), fresh_nonce())
+            .dialing(AT)
             .hello()
             .clone();
         assert!(matches!(r.on_hello(&h), Err(AuthError::ForeignCluster(_))));
         h.cluster_id = CID.into();
         h.node_id = id("bbb");
-        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         assert_eq!(r.on_hello(&h).err(), Some(AuthError::OwnId));
         h.node_id = id("aaa");
         h.nonce = "00".into();
-        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce());
+        let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         assert_eq!(r.on_hello(&h).err(), Some(AuthError::BadNonce));
     }
 

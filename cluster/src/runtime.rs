@@ -168,12 +168,14 @@ pub(crate) async fn serve(listener: TcpListener, sh: Arc<Shared>) {
 
 async fn handle_conn(mut stream: TcpStream, ip: IpAddr, sh: Arc<Shared>) {
     let hs = async {
+        let local = stream.local_addr()?;
         let hello: Hello = wire::recv_json(&mut stream).await?;
         let r = Responder::new(
             &sh.token,
             &sh.local.cluster_id,
             sh.cfg.node_id.clone(),
             auth::fresh_nonce(),
+            local,
         );
         let (awaiting, mine) = r.on_hello(&hello)?;
         wire::send_json(&mut stream, &mine).await?;

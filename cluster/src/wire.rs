@@ -2,7 +2,7 @@
 //! authenticated session.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -171,13 +171,25 @@ pub enum Response {
     },
 }
 
+/// A connected stream that knows which address it dialled; the initiator binds it into
+/// the handshake (see [`crate::auth`]) so the handshake cannot be relayed.
+pub trait Dialled {
+    fn dialled(&self) -> std::io::Result<SocketAddr>;
+}
+
+impl Dialled for tokio::net::TcpStream {
+    fn dialled(&self) -> std::io::Result<SocketAddr> {
+        self.peer_addr()
+    }
+}
+
 /// Client side of a session.
 pub struct Client<S> {
     stream: S,
     session: Session,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Dialled> Client<S> {
     /// Run the initiator handshake on `stream`.
     pub async fn handshake(
         mut stream: S,
@@ -185,7 +197,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         cluster_id: &str,
         me: &NodeId,
     ) -> Result<Self, WireError> {
-        let init = Initiator::new(token, cluster_id, me.clone(), auth::fresh_nonce());
+        let to = stream.dialled()?;
+        let init = Initiator::new(token, cluster_id, me.clone(), auth::fresh_nonce()).dialing(to);
         send_json(&mut stream, init.hello()).await?;
         let rh: Hello = recv_json(&mut stream).await?;
         let (awaiting, proof) = init.on_hello(&rh)?;

@@ -175,7 +175,7 @@ async fn replay(a: HashMap<String, String>) {
     let me: NodeId = "ffff-recorder".parse().unwrap();
     // 1. A genuine handshake, recording what the client sent (as an eavesdropper would).
     let mut s = TcpStream::connect(target).await.unwrap();
-    let init = Initiator::new(&tok, &cid, me.clone(), auth::fresh_nonce());
+    let init = Initiator::new(&tok, &cid, me.clone(), auth::fresh_nonce()).dialing(target);
     let rec_hello = init.hello().clone();
     wire::send_json(&mut s, &rec_hello).await.unwrap();
     let rh: Hello = wire::recv_json(&mut s).await.unwrap();
