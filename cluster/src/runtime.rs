@@ -434,16 +434,31 @@ async fn poll_one(sh: Arc<Shared>, expect: Option<NodeId>, addrs: Vec<SocketAddr
     }
 }
 
+/// Polls still running, by target; aborted with the poller.
+#[derive(Default)]
+struct InFlight(BTreeMap<Vec<SocketAddr>, JoinHandle<()>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for h in self.0.values() {
+            h.abort();
+        }
+    }
+}
+
 pub(crate) async fn poller(sh: Arc<Shared>) {
     let mut members_epoch = 0;
+    // At most one poll per target at a time, and a round never waits for one: a target
+    // that answers slowly (or a stranger on mDNS that stalls on purpose) delays only its
+    // own next poll, never the polls that keep the authenticated peers fresh.
+    let mut in_flight = InFlight::default();
     loop {
-        let targets = poll_targets(&sh);
-        let tasks: Vec<_> = targets
-            .into_iter()
-            .map(|(id, addrs)| tokio::spawn(poll_one(sh.clone(), id, addrs)))
-            .collect();
-        for t in tasks {
-            let _ = t.await;
+        in_flight.0.retain(|_, h| !h.is_finished());
+        for (id, addrs) in poll_targets(&sh) {
+            if let std::collections::btree_map::Entry::Vacant(e) = in_flight.0.entry(addrs) {
+                let addrs = e.key().clone();
+                e.insert(tokio::spawn(poll_one(sh.clone(), id, addrs)));
+            }
         }
         let changed = {
             let mut st = sh.st.lock().unwrap();

@@ -148,3 +148,61 @@ async fn from_127_0_0_2(target: SocketAddr) -> TcpStream {
         .unwrap();
     sock.connect(target).await.unwrap()
 }
+
+/// A seed that accepts and then never answers (like a stranger on mDNS that stalls on
+/// purpose) must not hold up the polls of the real peers: their authentication would lapse
+/// every round and the quorum would flap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_peer_does_not_hold_up_polling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tarpit = std::net::TcpListener::bind((LO, 0)).unwrap();
+    let tarpit_port = tarpit.local_addr().unwrap().port();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    tarpit.set_nonblocking(true).unwrap();
+    let pit = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((s, _)) = tarpit.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        held.len()
+    });
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut tasks = Vec::new();
+    for (i, id) in ["p1", "p2", "p3"].iter().enumerate() {
+        let mut seeds: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
+        seeds.push(tarpit_port);
+        let c = cfg(id, &format!("h{i}"), ports[i], &seeds, &tmp.path().join(id));
+        tasks.push(tokio::spawn(start(c)));
+    }
+    let mut nodes = Vec::new();
+    for t in tasks {
+        nodes.push(t.await.unwrap());
+    }
+    // Keep serving past two peer timeouts (2 s), as the tarpit stalls every handshake 5 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (out, rec) in &nodes {
+        let hist = rec.0.lock().unwrap();
+        let first_full = hist
+            .iter()
+            .position(|s| s.peers_authenticated == 2)
+            .expect("both peers authenticated");
+        let dips: Vec<usize> = hist[first_full..]
+            .iter()
+            .map(|s| s.peers_authenticated)
+            .filter(|n| *n < 2)
+            .collect();
+        assert!(
+            dips.is_empty(),
+            "{}: authenticated peers dropped to {dips:?}",
+            out.members.len()
+        );
+        assert_eq!(out.status().unwrap().peers_authenticated, 2);
+    }
+    assert_eq!(nodes.iter().filter(|(o, _)| o.bootstrapped).count(), 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(pit.join().unwrap() > 0, "nobody dialled the tarpit");
+}
