@@ -412,6 +412,50 @@ impl RateLimiter {
     }
 }
 
+/// Caps connections that have not authenticated yet (handshakes in progress), per source
+/// IP and in total, so a flood of connections cannot make a node hold unbounded sockets
+/// and tasks. Authenticated sessions do not count.
+pub struct HandshakeSlots {
+    per_ip: usize,
+    total: usize,
+    open: HashMap<IpAddr, usize>,
+    count: usize,
+}
+
+impl HandshakeSlots {
+    pub fn new(per_ip: usize, total: usize) -> Self {
+        HandshakeSlots {
+            per_ip,
+            total,
+            open: HashMap::new(),
+            count: 0,
+        }
+    }
+    /// Take a slot for a new connection from `ip`; false = refuse the connection.
+    pub fn try_take(&mut self, ip: IpAddr) -> bool {
+        let n = self.open.get(&ip).copied().unwrap_or(0);
+        if n >= self.per_ip || self.count >= self.total {
+            return false;
+        }
+        self.open.insert(ip, n + 1);
+        self.count += 1;
+        true
+    }
+    /// The handshake from `ip` ended (authenticated, failed or timed out).
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n -= 1;
+            self.count -= 1;
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+    pub fn in_use(&self) -> usize {
+        self.count
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +589,32 @@ mod tests {
         h.nonce = "00".into();
         let r = Responder::new(TOKEN, CID, id("bbb"), fresh_nonce(), AT);
         assert_eq!(r.on_hello(&h).err(), Some(AuthError::BadNonce));
+    }
+
+    #[test]
+    fn handshake_slots_cap_per_source_and_in_total() {
+        let mut s = HandshakeSlots::new(2, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(s.try_take(a) && s.try_take(a));
+        assert!(!s.try_take(a), "third from one source");
+        assert!(s.try_take(b));
+        assert!(!s.try_take(c), "total reached");
+        assert_eq!(s.in_use(), 3);
+        s.release(a);
+        assert!(s.try_take(c));
+        assert!(!s.try_take(a), "total still reached");
+        s.release(b);
+        assert!(s.try_take(a));
+        // Releasing a source that holds nothing changes nothing.
+        s.release("10.9.9.9".parse().unwrap());
+        assert_eq!(s.in_use(), 3);
+        for ip in [a, a, c] {
+            s.release(ip);
+        }
+        assert_eq!(s.in_use(), 0);
+        assert!(s.open.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::auth::{self, Hello, Proof, RateLimiter, Responder, Sealed};
+use crate::auth::{self, HandshakeSlots, Hello, Proof, RateLimiter, Responder, Sealed};
 use crate::discovery::{Discovery, PeerTable};
 use crate::election::{Admissions, Backoff, Decision, Election, PeerView, Voter, role_for_joiner};
 use crate::engine::{Engine, Joiner, LocalNode};
@@ -146,7 +146,30 @@ impl Shared {
 
 // ---------------------------------------------------------------- server side
 
+/// Unauthenticated connections (handshakes in progress) allowed per source IP...
+const HANDSHAKES_PER_IP: usize = 8;
+/// ...and in total.
+const HANDSHAKES_TOTAL: usize = 64;
+/// A connection that has not authenticated within this long is closed (slow-loris).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Holds a [`HandshakeSlots`] slot until the handshake ends (or its task is dropped).
+struct Slot {
+    slots: Arc<Mutex<HandshakeSlots>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.lock().unwrap().release(self.ip);
+    }
+}
+
 pub(crate) async fn serve(listener: TcpListener, sh: Arc<Shared>) {
+    let slots = Arc::new(Mutex::new(HandshakeSlots::new(
+        HANDSHAKES_PER_IP,
+        HANDSHAKES_TOTAL,
+    )));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -161,12 +184,20 @@ pub(crate) async fn serve(listener: TcpListener, sh: Arc<Shared>) {
             tracing::debug!(%ip, "connection from rate-limited source dropped");
             continue;
         }
+        if !slots.lock().unwrap().try_take(ip) {
+            tracing::debug!(%ip, "too many handshakes in progress; connection dropped");
+            continue;
+        }
+        let slot = Slot {
+            slots: slots.clone(),
+            ip,
+        };
         let sh = sh.clone();
-        tokio::spawn(async move { handle_conn(stream, ip, sh).await });
+        tokio::spawn(async move { handle_conn(stream, ip, sh, slot).await });
     }
 }
 
-async fn handle_conn(mut stream: TcpStream, ip: IpAddr, sh: Arc<Shared>) {
+async fn handle_conn(mut stream: TcpStream, ip: IpAddr, sh: Arc<Shared>, slot: Slot) {
     let hs = async {
         let local = stream.local_addr()?;
         let hello: Hello = wire::recv_json(&mut stream).await?;
@@ -184,7 +215,11 @@ async fn handle_conn(mut stream: TcpStream, ip: IpAddr, sh: Arc<Shared>) {
         wire::send_json(&mut stream, &my_proof).await?;
         Ok::<_, WireError>(session)
     };
-    let mut session = match hs.await {
+    let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs)
+        .await
+        .unwrap_or(Err(WireError::Timeout));
+    drop(slot);
+    let mut session = match outcome {
         Ok(s) => {
             sh.st.lock().unwrap().limiter.success(ip);
             s
