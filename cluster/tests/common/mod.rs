@@ -317,3 +317,87 @@ pub fn wait_for(lab: &Lab, timeout: Duration, what: &str, mut cond: impl FnMut(&
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Run `f` on a new thread that first enters network namespace `ns` (made by a [`Lab`]).
+/// Only that thread (and threads it spawns, which inherit it) is in the namespace; the
+/// rest of the test process stays where it was.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("/run/netns/{ns}: {e}"));
+    let ns = ns.to_string();
+    std::thread::Builder::new()
+        .name(format!("in-{ns}"))
+        .spawn(move || {
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            drop(file);
+            f()
+        })
+        .unwrap()
+}
+
+/// Raise this process's open-file soft limit to its hard limit (attackers hold many sockets).
+pub fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Open file descriptors of process `pid` (None once it is gone).
+pub fn fd_count(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// Resident set size of process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+impl Node {
+    /// Pid of the node process (`ip netns exec` execs the helper in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+    /// Node ids named as leader or member in any status line so far.
+    pub fn ids_ever_named(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for h in self.history() {
+            if let Some(l) = h["leader"].as_str() {
+                v.push(l.to_string());
+            }
+            for m in h["members"].as_array().into_iter().flatten() {
+                if let Some(id) = m["node_id"].as_str() {
+                    v.push(id.to_string());
+                }
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+}
