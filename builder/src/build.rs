@@ -129,20 +129,47 @@ pub fn node_config_toml(cfg: &ImageConfig) -> Result<String> {
     ))
 }
 
-/// Renders a board template: `{cmdline}` and `{root_partuuid}`.
-pub fn render_template(t: &str, cmdline: &str, root_partuuid: &str) -> String {
-    t.replace("{cmdline}", cmdline)
-        .replace("{root_partuuid}", root_partuuid)
+/// The values of a board template's placeholders (`clutch_config::TEMPLATE_PLACEHOLDERS`).
+#[derive(Debug, Clone)]
+pub struct TemplateVars {
+    pub cmdline: String,
+    pub root_partuuid: String,
+    pub extra_cmdline: String,
 }
 
-pub fn kernel_cmdline(cfg: &ImageConfig, board: &Board, root_partuuid: &str) -> String {
-    let mut args: Vec<String> = vec![format!("root=PARTUUID={root_partuuid}")];
-    args.extend(board.cmdline.iter().map(|a| a.to_string()));
+impl TemplateVars {
+    pub fn new(cfg: &ImageConfig, board: &Board, root_partuuid: &str) -> Self {
+        TemplateVars {
+            cmdline: kernel_cmdline(cfg, board, root_partuuid),
+            root_partuuid: root_partuuid.to_string(),
+            extra_cmdline: image_cmdline_args(cfg).join(" "),
+        }
+    }
+
+    /// Renders a board template.
+    pub fn render(&self, t: &str) -> String {
+        t.replace("{cmdline}", &self.cmdline)
+            .replace("{root_partuuid}", &self.root_partuuid)
+            .replace("{extra_cmdline}", &self.extra_cmdline)
+    }
+}
+
+/// The kernel arguments the image config adds to the board's: the cgroup flags (k3s and
+/// container runtimes need the memory controller) and `[kernel] cmdline`.
+pub fn image_cmdline_args(cfg: &ImageConfig) -> Vec<String> {
+    let mut args = Vec::new();
     if cfg.kernel.cgroups {
         args.push("cgroup_enable=memory".into());
         args.push("cgroup_memory=1".into());
     }
     args.extend(cfg.kernel.cmdline.iter().map(|a| a.to_string()));
+    args
+}
+
+pub fn kernel_cmdline(cfg: &ImageConfig, board: &Board, root_partuuid: &str) -> String {
+    let mut args: Vec<String> = vec![format!("root=PARTUUID={root_partuuid}")];
+    args.extend(board.cmdline.iter().map(|a| a.to_string()));
+    args.extend(image_cmdline_args(cfg));
     args.join(" ")
 }
 
@@ -250,8 +277,8 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             |k| std::env::var(k).ok(),
         )?;
     }
-    let cmdline = kernel_cmdline(&cfg, &board, &root_uuid);
-    let boot_files = collect_boot_files(&staging, &board, &cfg, &cmdline, &root_uuid)?;
+    let vars = TemplateVars::new(&cfg, &board, &root_uuid);
+    let boot_files = collect_boot_files(&staging, &board, &cfg, &vars)?;
     // Files written above carry the build's time; clamp them (reproducible builds).
     repro::clamp_tree_times(&staging, disk::source_date_epoch())?;
     p.done(&format!(
@@ -490,8 +517,7 @@ fn collect_boot_files(
     staging: &Path,
     board: &Board,
     cfg: &ImageConfig,
-    cmdline: &str,
-    root_partuuid: &str,
+    vars: &TemplateVars,
 ) -> Result<Vec<FatFile>> {
     let mut files = Vec::new();
     for f in &board.boot.files {
@@ -513,7 +539,7 @@ fn collect_boot_files(
     for t in &board.boot.templates {
         files.push(FatFile {
             path: t.path.clone(),
-            data: render_template(&t.content, cmdline, root_partuuid).into_bytes(),
+            data: vars.render(&t.content).into_bytes(),
         });
     }
     files.push(FatFile {

@@ -46,11 +46,7 @@ pub fn extra_cmdline(cfg: &ImageConfig, board: &Board) -> Vec<String> {
         .map(|a| a.to_string())
         .filter(|a| a != "rootwait" && !a.starts_with("root="))
         .collect();
-    if cfg.kernel.cgroups {
-        args.push("cgroup_enable=memory".into());
-        args.push("cgroup_memory=1".into());
-    }
-    args.extend(cfg.kernel.cmdline.iter().map(|a| a.to_string()));
+    args.extend(crate::build::image_cmdline_args(cfg));
     args
 }
 

@@ -28,6 +28,7 @@ pub fn apply(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
     }
     install_firstboot(root, inp)?;
     write_fstab(root, inp)?;
+    write_root_templates(root, inp)?;
     write_identity_placeholders(root)?;
     set_timezone(root, inp.cfg.system.timezone.as_str())?;
     if let Some(u) = &inp.cfg.user {
@@ -81,6 +82,25 @@ fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<()> {
     }
     std::fs::write(&p, content).with_context(|| format!("writing {}", p.display()))?;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// The board's `root.templates` (e.g. `/etc/default/raspi-firmware`, which Debian's
+/// raspi-firmware hooks read when a kernel upgrade rewrites config.txt and cmdline.txt).
+fn write_root_templates(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
+    if inp.board.root.templates.is_empty() {
+        return Ok(());
+    }
+    let vars = crate::build::TemplateVars::new(inp.cfg, inp.board, &inp.root_partuuid);
+    for t in &inp.board.root.templates {
+        let p = resolve_in_root(root, &t.path)?;
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::write(&p, vars.render(&t.content))
+            .with_context(|| format!("writing {} (root.templates)", t.path))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+    }
     Ok(())
 }
 
@@ -405,5 +425,36 @@ mod tests {
         let f = fstab(&b, "R-UUID", "B-UUID");
         assert!(f.contains("PARTUUID=R-UUID  /  ext4"));
         assert!(f.contains("PARTUUID=B-UUID  /boot/efi  vfat"));
+    }
+
+    #[test]
+    fn rpi_root_templates_keep_cmdline_through_kernel_upgrades() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        // Debian ships /etc/default as a folder; a symlinked /etc must be followed.
+        std::fs::create_dir_all(root.join("real-etc/default")).unwrap();
+        symlink("real-etc", root.join("etc")).unwrap();
+        let board = crate::testutil::board("rpi4");
+        let cfg = crate::testutil::image_config("[kernel]\ncmdline = [\"quiet\"]\n");
+        let bin = root.join("fb");
+        let inp = StageInputs {
+            cfg: &cfg,
+            board: &board,
+            overlays: vec![],
+            firstboot_bin: &bin,
+            firstboot_unit: &bin,
+            root_partuuid: "1234abcd-02".into(),
+            boot_partuuid: "1234abcd-01".into(),
+        };
+        write_root_templates(root, &inp).unwrap();
+        let fw = std::fs::read_to_string(root.join("real-etc/default/raspi-firmware")).unwrap();
+        assert!(fw.contains("\nROOTPART=\"PARTUUID=1234abcd-02\"\n"), "{fw}");
+        assert!(fw.contains("\nCONSOLES=\"serial0,115200 tty1\"\n"), "{fw}");
+        let extra =
+            std::fs::read_to_string(root.join("real-etc/default/raspi-extra-cmdline")).unwrap();
+        assert_eq!(extra, "cgroup_enable=memory cgroup_memory=1 quiet\n");
+        // The amd64 board has none and writes nothing.
+        let amd = crate::testutil::board("amd64");
+        assert!(amd.root.templates.is_empty());
     }
 }

@@ -76,8 +76,7 @@ pub struct BootPartition {
     /// Files copied from the root filesystem onto the boot partition.
     #[serde(default)]
     pub files: Vec<BootFile>,
-    /// Text files rendered onto the boot partition. Placeholders: `{cmdline}`, `{kernel}`,
-    /// `{initrd}`, `{root_partuuid}`.
+    /// Text files rendered onto the boot partition (placeholders: [`TEMPLATE_PLACEHOLDERS`]).
     #[serde(default)]
     pub templates: Vec<BootTemplate>,
     /// Install syslinux into the partition for legacy BIOS boot.
@@ -106,11 +105,34 @@ pub struct BootFile {
     pub optional: bool,
 }
 
+/// A text file a board renders: `path` is relative on the boot partition (`boot.templates`)
+/// or absolute in the root filesystem (`root.templates`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootTemplate {
     pub path: String,
     pub content: String,
+}
+
+/// What a board template may hold: `{cmdline}` (the whole kernel command line),
+/// `{root_partuuid}` (the root partition's PARTUUID) and `{extra_cmdline}` (the kernel
+/// arguments the image config adds to the board's: the cgroup flags and `[kernel] cmdline`).
+pub const TEMPLATE_PLACEHOLDERS: &[&str] = &["cmdline", "root_partuuid", "extra_cmdline"];
+
+/// The first `{name}` in `content` that is not a known placeholder.
+fn unknown_placeholder(content: &str) -> Option<&str> {
+    let mut rest = content;
+    while let Some(i) = rest.find('{') {
+        rest = &rest[i + 1..];
+        let Some(j) = rest.find('}') else { break };
+        let name = &rest[..j];
+        let looks_like_one =
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        if looks_like_one && !TEMPLATE_PLACEHOLDERS.contains(&name) {
+            return Some(name);
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,6 +150,10 @@ pub struct RootPartition {
     pub label: String,
     /// Free space added to the content when the image size is `auto`.
     pub headroom: Size,
+    /// Text files rendered into the root filesystem (absolute paths), e.g. the settings
+    /// Debian's own boot hooks read when a kernel upgrade rewrites the boot partition.
+    #[serde(default)]
+    pub templates: Vec<BootTemplate>,
 }
 
 impl Board {
@@ -187,6 +213,34 @@ impl Board {
                 ));
             }
         }
+        for (i, t) in self.root.templates.iter().enumerate() {
+            let rel = t.path.strip_prefix('/').unwrap_or("");
+            if !fat_path_ok(rel) {
+                return Err(Invalid::new(
+                    &format!("root.templates[{i}].path"),
+                    "must be an absolute path in the root filesystem, without `.` or `..`",
+                ));
+            }
+        }
+        let all = self.boot.templates.iter().map(|t| ("boot", t));
+        for (i, (part, t)) in all
+            .enumerate()
+            .chain(self.root.templates.iter().map(|t| ("root", t)).enumerate())
+        {
+            if let Some(name) = unknown_placeholder(&t.content) {
+                return Err(Invalid::new(
+                    &format!("{part}.templates[{i}].content"),
+                    format!(
+                        "unknown placeholder `{{{name}}}` (known: {})",
+                        TEMPLATE_PLACEHOLDERS
+                            .iter()
+                            .map(|p| format!("{{{p}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -195,4 +249,57 @@ fn fat_path_ok(p: &str) -> bool {
     !p.is_empty()
         && !p.starts_with('/')
         && !p.split('/').any(|s| s.is_empty() || s == ".." || s == ".")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn rpi4() -> String {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/rpi4.toml");
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        crate::parse_board(Path::new("boards/x.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_boards_have_only_known_placeholders() {
+        for b in ["amd64", "rpi3", "rpi4"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../boards/{b}.toml"));
+            crate::load_board(&p).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn unknown_placeholder_names_the_template() {
+        let t = rpi4().replace("content = \"{cmdline}\\n\"", "content = \"{cmdlnie}\\n\"");
+        assert_ne!(
+            t,
+            rpi4(),
+            "rpi4.toml no longer has the cmdline.txt template"
+        );
+        let e = err(&t);
+        assert!(e.contains("boot.templates[1].content"), "{e}");
+        assert!(e.contains("unknown placeholder `{cmdlnie}`"), "{e}");
+        // Braces that are not placeholder-shaped stay literal text.
+        let ok = rpi4().replace("arm_64bit=1", "# {A-Z} {}\narm_64bit=1");
+        crate::parse_board(Path::new("boards/x.toml"), &ok).unwrap();
+    }
+
+    #[test]
+    fn root_template_paths_must_be_absolute_and_plain() {
+        for bad in ["etc/default/x", "/etc/../x", "/", "/etc//x"] {
+            let t = format!(
+                "{}\n[[root.templates]]\npath = \"{bad}\"\ncontent = \"\"\n",
+                rpi4()
+            );
+            let e = err(&t);
+            assert!(e.contains("root.templates["), "{bad}: {e}");
+            assert!(e.contains("absolute path"), "{bad}: {e}");
+        }
+    }
 }

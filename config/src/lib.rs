@@ -9,7 +9,7 @@ pub mod types;
 
 use std::path::{Path, PathBuf};
 
-pub use board::Board;
+pub use board::{Board, TEMPLATE_PLACEHOLDERS};
 pub use diag::{Diagnostic, Invalid, KeyPath};
 pub use schema::*;
 pub use types::*;
