@@ -16,6 +16,9 @@ pub enum Probe {
     /// binfmt_misc runs `qemu-<arch>` programs: the handler is registered and enabled, or
     /// (binfmt_misc not mounted yet) its definition is installed for registration.
     BinfmtHandler(&'static str),
+    /// QEMU's user-mode emulator for an architecture: `qemu-<arch>` (trixie's qemu-user) or
+    /// `qemu-<arch>-static` (bookworm's qemu-user-static).
+    QemuUser(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,9 @@ impl Tool {
                         .map(|f| f.lines().any(|l| l.ends_with("binfmt_misc")))
                         .unwrap_or(false)
             }
+            Probe::QemuUser(q) => {
+                find_in_path(&format!("qemu-{q}")) || find_in_path(&format!("qemu-{q}-static"))
+            }
             Probe::BinfmtHandler(q) => {
                 let dir = Path::new(crate::foreign::BINFMT_DIR);
                 let st = crate::foreign::binfmt_state(dir, q);
@@ -90,23 +96,26 @@ pub fn foreign_tools(qemu: &'static str) -> Vec<Tool> {
             why: "runs foreign-architecture programs while building the root filesystem",
             probe: Probe::BinfmtMisc,
         },
-        Tool::new(
-            &format!("qemu-{qemu}-static"),
-            "qemu-user-static",
-            "emulates the image's architecture",
-        ),
+        Tool {
+            name: format!("qemu-{qemu} (user mode)"),
+            package: "qemu-user-static",
+            why: "emulates the image's architecture",
+            probe: Probe::QemuUser(qemu),
+        },
         Tool {
             name: format!("binfmt handler qemu-{qemu}"),
             package: "qemu-user-static",
             why: "lets the kernel start the image's programs under QEMU",
             probe: Probe::BinfmtHandler(qemu),
         },
-        Tool::new(
-            "update-binfmts",
-            "binfmt-support",
-            "enables the qemu binfmt handler",
-        ),
     ]
+}
+
+/// Advice about tools that are present but hurt (a slow QEMU for foreign builds).
+pub fn warnings() -> Vec<String> {
+    crate::foreign::slow_qemu_hint("aarch64")
+        .into_iter()
+        .collect()
 }
 
 /// Every tool any build may need (what `clutch doctor` lists).
@@ -280,7 +289,10 @@ mod tests {
             "{foreign:?}"
         );
         assert!(pk(&foreign).contains(&"qemu-user-static"));
-        assert!(pk(&foreign).contains(&"binfmt-support"));
+        assert!(
+            foreign.iter().any(|t| t.probe == Probe::QemuUser("x86_64")),
+            "{foreign:?}"
+        );
     }
 
     #[test]

@@ -208,6 +208,9 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Doctor => {
             let (report, ok) = doctor::report(&doctor::all_tools());
             print!("{report}");
+            for w in doctor::warnings() {
+                println!("warning: {w}");
+            }
             Ok(ok)
         }
         Cmd::Lab { cmd } => lab::run(cmd),
