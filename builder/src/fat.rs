@@ -175,20 +175,49 @@ pub fn sync_backup_boot_sector(image: &Path, at: Extent) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+
+    /// A sparse file big enough for `at` plus `tail` bytes.
+    fn blank_image(dir: &Path, at: Extent, tail: u64) -> PathBuf {
+        let img = dir.join("f.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(at.end() + tail)
+            .unwrap();
+        img
+    }
+
+    /// Copies the partition out, checks it with the host's fsck.vfat (dosfstools; installed
+    /// by .ci/run), which must find nothing to fix, and returns its `blkid -o export`.
+    fn fsck_and_blkid(dir: &Path, img: &Path, at: Extent) -> String {
+        let part = dir.join("p.img");
+        let data = crate::disk::read_at(img, at.start, at.size as usize).unwrap();
+        std::fs::write(&part, data).unwrap();
+        let out = Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&part)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && !text.contains("differ"), "{text}");
+        let blkid = Command::new("blkid")
+            .args(["-o", "export"])
+            .arg(&part)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&blkid.stdout).into_owned()
+    }
 
     #[test]
     fn fat32_round_trip_and_fsck() {
         let t = tempfile::tempdir().unwrap();
-        let img = t.path().join("f.img");
         let at = Extent {
             start: 1 << 20,
             size: 64 << 20,
         };
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(at.end() + (1 << 20))
-            .unwrap();
+        let img = blank_image(t.path(), at, 1 << 20);
         let files = vec![
             FatFile {
                 path: "EFI/BOOT/BOOTX64.EFI".into(),
@@ -213,24 +242,7 @@ mod tests {
             vec![7; 5000]
         );
         assert!(read_fat_file(&img, at, "nope.txt").is_err());
-        // The host's fsck.vfat agrees (dosfstools; installed by .ci/run).
-        let part = t.path().join("p.img");
-        let data = crate::disk::read_at(&img, at.start, at.size as usize).unwrap();
-        std::fs::write(&part, data).unwrap();
-        let out = Command::new("fsck.vfat")
-            .arg("-n")
-            .arg(&part)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}");
-        let blkid = Command::new("blkid")
-            .arg("-o")
-            .arg("export")
-            .arg(&part)
-            .output()
-            .unwrap();
-        let b = String::from_utf8_lossy(&blkid.stdout);
+        let b = fsck_and_blkid(t.path(), &img, at);
         assert!(b.contains("TYPE=vfat") && b.contains("LABEL=ESP"), "{b}");
         let bs = crate::disk::read_at(&img, at.start, 512).unwrap();
         assert_eq!(
@@ -243,36 +255,17 @@ mod tests {
     #[test]
     fn lower_case_label_is_kept_in_both_places_and_fsck_agrees() {
         let t = tempfile::tempdir().unwrap();
-        let img = t.path().join("f.img");
         let at = Extent {
             start: 4 << 20,
             size: 64 << 20,
         };
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(at.end())
-            .unwrap();
+        let img = blank_image(t.path(), at, 0);
         let files = vec![FatFile {
             path: "config.txt".into(),
             data: b"arm_64bit=1\n".to_vec(),
         }];
         write_fat(&img, at, "bootfs", 0x1234_5678, &files).unwrap();
-        let part = t.path().join("p.img");
-        let data = crate::disk::read_at(&img, at.start, at.size as usize).unwrap();
-        std::fs::write(&part, data).unwrap();
-        let out = Command::new("fsck.vfat")
-            .arg("-n")
-            .arg(&part)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && !text.contains("differ"), "{text}");
-        let blkid = Command::new("blkid")
-            .args(["-o", "export"])
-            .arg(&part)
-            .output()
-            .unwrap();
-        let b = String::from_utf8_lossy(&blkid.stdout);
+        let b = fsck_and_blkid(t.path(), &img, at);
         assert!(b.contains("\nLABEL=bootfs\n"), "{b}");
         assert_eq!(
             read_fat_file(&img, at, "config.txt").unwrap(),

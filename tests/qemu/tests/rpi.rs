@@ -161,6 +161,7 @@ fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
     for a in [
         "console=serial0,115200",
         "rootwait",
+        "net.ifnames=0",
         "cgroup_enable=memory",
         "cgroup_memory=1",
         &format!("root=PARTUUID={}-02", t.id),
@@ -215,6 +216,21 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
     assert!(
         fstab.contains(&format!("PARTUUID={}-01  /boot/firmware  vfat", t.id)),
         "{fstab}"
+    );
+    // Debian's raspi-firmware hook rewrites cmdline.txt on kernel upgrades from these.
+    let fw = run(Command::new("debugfs")
+        .args(["-R", "cat /etc/default/raspi-firmware"])
+        .arg(&root));
+    assert!(
+        fw.contains(&format!("ROOTPART=\"PARTUUID={}-02\"", t.id)),
+        "{fw}"
+    );
+    let extra = run(Command::new("debugfs")
+        .args(["-R", "cat /etc/default/raspi-extra-cmdline"])
+        .arg(&root));
+    assert!(
+        extra.contains("cgroup_enable=memory cgroup_memory=1"),
+        "{extra}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 
