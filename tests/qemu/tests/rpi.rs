@@ -240,6 +240,18 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
         .unwrap()
         .len();
     eprintln!("rpi4 image: raw {} MiB, zst {} MiB", raw >> 20, zst >> 20);
+    // The board's [imager]: a Raspberry Pi Imager entry for the Pi 4, pointing at the zst.
+    let imager: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(img.with_extension("rpi-imager.json")).expect("rpi-imager.json"),
+    )
+    .unwrap();
+    let entry = &imager["os_list"][0];
+    assert_eq!(
+        entry["devices"],
+        serde_json::json!(["pi4-64bit"]),
+        "{imager}"
+    );
+    assert_eq!(entry["image_download_size"], zst, "{imager}");
 
     // Boot the image's own kernel and initramfs on `virt`: the same root=PARTUUID, the
     // serial console on the PL011 instead of the Pi's `serial0` alias.
