@@ -8,7 +8,7 @@ use std::path::Path;
 /// Writes `data` to `path` atomically with `mode`. The parent directory is created.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    create_dir_all_durable(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
@@ -53,6 +53,34 @@ pub fn write_if_changed(path: &Path, data: &[u8], mode: u32) -> io::Result<bool>
     Ok(true)
 }
 
+/// `create_dir_all`, and the new directories' names made durable too (each parent that got
+/// a new entry is fsynced), so a file written into them survives a power cut with its path.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d);
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    for m in missing.iter().rev() {
+        if let Some(p) = m.parent() {
+            sync_dir(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            });
+        }
+    }
+    Ok(())
+}
+
 /// fsync a directory so a rename in it is durable. Some file systems (vfat) refuse; ignored.
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
@@ -75,7 +103,7 @@ pub fn symlink_replace(target: &Path, path: &Path) -> io::Result<()> {
         return Ok(());
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    create_dir_all_durable(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
@@ -107,6 +135,17 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"y");
         // no temp file left behind
         assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn durable_dirs_are_made_like_create_dir_all() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("var/lib/clutch/done");
+        create_dir_all_durable(&p).unwrap();
+        assert!(p.is_dir());
+        create_dir_all_durable(&p).unwrap();
+        write_atomic(&d.path().join("new/dir/file"), b"x", 0o644).unwrap();
+        assert_eq!(fs::read(d.path().join("new/dir/file")).unwrap(), b"x");
     }
 
     #[test]

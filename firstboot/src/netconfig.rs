@@ -180,23 +180,10 @@ impl Fetch for HttpFetch {
     }
 }
 
-/// Writes `text` to `dest` through a temporary name in the same folder (mode 0600: it may hold
-/// the cluster token until the loader moves it to /var/lib/clutch).
+/// Writes `text` to `dest` crash-safely (temp name, fsync, rename, fsync of the folder), mode
+/// 0600: it may hold the cluster token until the loader moves it to /var/lib/clutch.
 fn write_atomic(dest: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(d) = dest.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = dest.with_extension("toml.part");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dest)
+    crate::fsx::write_atomic(dest, text.as_bytes(), 0o600)
 }
 
 /// On a netbooted node (`clutch.config=` on the kernel command line), downloads the node
