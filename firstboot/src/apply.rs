@@ -31,6 +31,12 @@ pub fn apply(plan: &Plan, paths: &Paths, sys: &dyn Sys) -> Outcome {
             }
         }
     }
+    // What the steps wrote through external commands (ssh-keygen, useradd, resize2fs,
+    // mkfs) has no fsync of its own: make it durable before the node says it is ready, so
+    // a power cut after that cannot take it back (new host keys after users saw the old).
+    if let Err(e) = sys.syncfs(&paths.root) {
+        tracing::warn!("syncfs {}: {e}", paths.root.display());
+    }
     out.storage = plan
         .storage
         .iter()
@@ -114,7 +120,7 @@ fn do_action(
         Action::MkDir { path, mode, owner } => {
             let host = paths.host(path);
             if !host.is_dir() {
-                fs::create_dir_all(&host)?;
+                fsx::create_dir_all_durable(&host)?;
                 fs::set_permissions(&host, fs::Permissions::from_mode(*mode))?;
             }
             if let Some((u, g)) = resolve_owner(paths, owner, &host)? {
@@ -136,6 +142,7 @@ fn do_action(
         Action::Run(cmd) => sys.run(cmd)?,
         Action::SparseFile { path, size } => {
             let host = paths.host(path);
+            let existed = host.exists();
             let f = fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -144,10 +151,18 @@ fn do_action(
             fs::set_permissions(&host, fs::Permissions::from_mode(0o600))?;
             let len = f.metadata()?.len();
             if len < *size {
-                // ftruncate: sparse, no blocks allocated.
+                // ftruncate: sparse, no blocks allocated. Growing never touches the data
+                // already there, so a power cut before the attach loses nothing.
                 f.set_len(*size)?;
                 f.sync_all()?;
-            } else if len > *size {
+            }
+            if !existed {
+                // The new name must survive a power cut too.
+                if let Some(parent) = host.parent() {
+                    fsx::sync_dir(parent);
+                }
+            }
+            if len > *size {
                 tracing::warn!(
                     "{} is {len} bytes, more than the configured {size}; not shrinking it",
                     path.display()
@@ -179,6 +194,7 @@ fn do_action(
             sys.grow_partition(&paths.host(disk), *partno, *kind)?
         }
         Action::LinksUp(names) => sys.links_up(names)?,
+        Action::Hold(point) => sys.hold(*point)?,
     }
     Ok(())
 }

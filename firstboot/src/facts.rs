@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::fsx::read_opt;
+use crate::hold::HoldPoint;
 use crate::sys::TableKind;
 
 /// Where things are. `root` is `/` on a node, a temp dir in tests; every other path is a
@@ -72,6 +73,8 @@ pub struct RootDisk {
     pub is_last: bool,
     pub fstype: String,
     pub table: Option<TableKind>,
+    /// Size of the ext2/3/4 file system on the partition (its superblock), when readable.
+    pub fs_bytes: Option<u64>,
 }
 
 impl RootDisk {
@@ -108,6 +111,9 @@ pub struct Facts {
     pub passwd: String,
     pub shadow: Option<String>,
     pub keyboard: Option<String>,
+    /// Fault injection: where to hold ([`crate::hold`]); set by the caller from the
+    /// `clutch.hold` credential, never read from the root.
+    pub hold: Option<HoldPoint>,
 }
 
 impl Default for Facts {
@@ -127,6 +133,7 @@ impl Default for Facts {
             passwd: String::new(),
             shadow: None,
             keyboard: None,
+            hold: None,
         }
     }
 }
@@ -203,6 +210,30 @@ pub fn has_ext4_magic(p: &Path) -> bool {
         })
         .is_ok()
         && b == [0x53, 0xEF]
+}
+
+/// The size in bytes of the ext2/3/4 file system whose superblock is at byte 1024 of `p`
+/// (a partition, or an image file): blocks count (64-bit when the `64bit` feature is on)
+/// times the block size.
+pub fn ext4_fs_bytes(p: &Path) -> Option<u64> {
+    let mut sb = [0u8; 1024];
+    let mut f = fs::File::open(p).ok()?;
+    f.seek(SeekFrom::Start(1024)).ok()?;
+    f.read_exact(&mut sb).ok()?;
+    let le32 = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+    if sb[0x38..0x3A] != [0x53, 0xEF] {
+        return None;
+    }
+    let log = le32(0x18);
+    if log > 16 {
+        return None;
+    }
+    let mut blocks = le32(0x04);
+    const INCOMPAT_64BIT: u64 = 0x80;
+    if le32(0x60) & INCOMPAT_64BIT != 0 {
+        blocks |= le32(0x150) << 32;
+    }
+    Some(blocks * (1024u64 << log))
 }
 
 /// Physical links (those with a `device`), by ifindex.
@@ -326,8 +357,10 @@ pub fn root_disk(paths: &Paths) -> Result<RootDisk, String> {
     };
     let disk_dev = PathBuf::from("/dev").join(name(disk_dir));
     let table = crate::grow::detect(&paths.host(&disk_dev)).ok().flatten();
+    let part_dev = PathBuf::from("/dev").join(name(&part_dir));
+    let fs_bytes = ext4_fs_bytes(&paths.host(&part_dev));
     Ok(RootDisk {
-        part_dev: PathBuf::from("/dev").join(name(&part_dir)),
+        part_dev,
         disk_dev,
         partno,
         start,
@@ -336,6 +369,7 @@ pub fn root_disk(paths: &Paths) -> Result<RootDisk, String> {
         is_last,
         fstype: root.fstype,
         table,
+        fs_bytes,
     })
 }
 
@@ -455,6 +489,27 @@ mod tests {
         );
         let e = root_disk(&Paths::new(d.path(), "/boot/efi")).unwrap_err();
         assert!(e.contains("0:31"), "{e}");
+    }
+
+    #[test]
+    fn ext4_size_from_the_superblock() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vda2");
+        let mut b = vec![0u8; 4096];
+        assert_eq!(ext4_fs_bytes(&p), None, "missing");
+        fs::write(&p, &b).unwrap();
+        assert_eq!(ext4_fs_bytes(&p), None, "no magic");
+        b[1024 + 0x38] = 0x53;
+        b[1024 + 0x39] = 0xEF;
+        b[1024 + 0x18] = 2; // 4 KiB blocks
+        b[1024 + 4..1024 + 8].copy_from_slice(&262_144u32.to_le_bytes());
+        fs::write(&p, &b).unwrap();
+        assert_eq!(ext4_fs_bytes(&p), Some(1 << 30));
+        // 64bit feature: the high half of the block count counts
+        b[1024 + 0x60] = 0x80;
+        b[1024 + 0x150] = 1;
+        fs::write(&p, &b).unwrap();
+        assert_eq!(ext4_fs_bytes(&p), Some((262_144 + (1u64 << 32)) * 4096));
     }
 
     #[test]

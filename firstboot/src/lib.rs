@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod facts;
 pub mod fsx;
 pub mod grow;
+pub mod hold;
 pub mod links;
 pub mod load;
 pub mod loopdev;

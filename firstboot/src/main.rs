@@ -139,7 +139,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|l| l.name.to_string())
                 .collect();
-            let f = facts::gather(&paths, &names);
+            let mut f = facts::gather(&paths, &names);
+            f.hold = clutch_firstboot::hold::requested(&RealSys);
             let fresh = clutch_firstboot::plan::Fresh {
                 node_id: "0".repeat(32),
                 machine_id: "0".repeat(32),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clutch_config::{Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token};
 
 use crate::facts::{Facts, Paths, RootDisk, is_node_id};
+use crate::hold::HoldPoint;
 use crate::load::Loaded;
 use crate::render;
 use crate::sys::{Cmd, TableKind};
@@ -69,6 +70,8 @@ pub enum Action {
         kind: TableKind,
     },
     LinksUp(Vec<String>),
+    /// Fault injection ([`crate::hold`]): stop here until the power is cut.
+    Hold(HoldPoint),
 }
 
 impl fmt::Debug for Action {
@@ -117,6 +120,7 @@ impl fmt::Debug for Action {
                 write!(f, "grow {} {partno} {kind:?}", disk.display())
             }
             Action::LinksUp(n) => write!(f, "links up {}", n.join(" ")),
+            Action::Hold(p) => write!(f, "hold {p}"),
         }
     }
 }
@@ -269,6 +273,11 @@ fn identity(paths: &Paths, facts: &Facts, fresh: &Fresh, hostname: &Hostname) ->
             Cmd::new("ssh-keygen", &["-A", "-f"]).arg_path(&paths.root),
         ));
     }
+    // The node id is on disk (durably) from here on: a power cut now must bring the node back
+    // with the same id, and the host name made from it.
+    if facts.hold == Some(HoldPoint::Hostname) {
+        a.push(Action::Hold(HoldPoint::Hostname));
+    }
     a.push(write(
         "/etc/hostname",
         render::hostname_file(hostname),
@@ -369,7 +378,7 @@ pub fn plan(
     let mut notes = Vec::new();
     if !facts.done.contains("grow-root") {
         match &facts.root_disk {
-            Ok(r) => match grow(r) {
+            Ok(r) => match grow(r, facts.hold == Some(HoldPoint::Grow), &mut notes) {
                 Ok(actions) => steps.push(Step::once("grow-root", actions)),
                 Err(why) => notes.push(format!("root file system not grown: {why}")),
             },
@@ -381,25 +390,28 @@ pub fn plan(
         let name = l.name.to_string();
         let backing = paths.state_node(&format!("storage/{name}.img"));
         let dev = PathBuf::from(format!("/dev/clutch/{name}"));
-        steps.push(Step::every_boot(
-            &format!("storage-{name}"),
-            vec![
-                Action::MkDir {
-                    path: paths.state_node("storage"),
-                    mode: 0o700,
-                    owner: Owner::Root,
-                },
-                Action::SparseFile {
-                    path: backing.clone(),
-                    size: l.size.bytes(),
-                },
-                Action::AttachLoop {
-                    name: name.clone(),
-                    backing: backing.clone(),
-                    attached: facts.loops.get(&backing).copied(),
-                },
-            ],
-        ));
+        let mut a = vec![
+            Action::MkDir {
+                path: paths.state_node("storage"),
+                mode: 0o700,
+                owner: Owner::Root,
+            },
+            Action::SparseFile {
+                path: backing.clone(),
+                size: l.size.bytes(),
+            },
+        ];
+        // The backing file exists (and is durable), nothing is attached yet: the next boot
+        // must attach it again without touching its contents.
+        if facts.hold == Some(HoldPoint::Loop) {
+            a.push(Action::Hold(HoldPoint::Loop));
+        }
+        a.push(Action::AttachLoop {
+            name: name.clone(),
+            backing: backing.clone(),
+            attached: facts.loops.get(&backing).copied(),
+        });
+        steps.push(Step::every_boot(&format!("storage-{name}"), a));
         if l.format == LoopFormat::Ext4 {
             let mkfs = format!("mkfs-{name}");
             if !facts.done.contains(&mkfs) {
@@ -462,7 +474,11 @@ pub fn plan(
     })
 }
 
-fn grow(r: &RootDisk) -> Result<Vec<Action>, String> {
+/// The root grow, in two parts that each converge when run again: the partition table (a
+/// no-op once the partition reaches the end of the disk) and the file system (resize2fs is a
+/// no-op once it fills the partition). A power cut between them leaves a grown partition
+/// with a small file system; the next boot sees that and runs resize2fs alone.
+fn grow(r: &RootDisk, hold: bool, notes: &mut Vec<String>) -> Result<Vec<Action>, String> {
     if r.fstype != "ext4" {
         return Err(format!("/ is {}, not ext4", r.fstype));
     }
@@ -473,24 +489,40 @@ fn grow(r: &RootDisk) -> Result<Vec<Action>, String> {
             r.disk_dev.display()
         ));
     }
+    let resize = Action::Run(Cmd::new("resize2fs", &[]).arg_path(&r.part_dev));
+    if r.free_bytes() < MIN_GROW_BYTES {
+        // The partition is full size. The file system too, unless an earlier boot stopped
+        // between the two (unknown size: resize2fs finds out, and does nothing if so).
+        let part_bytes = r.size * 512;
+        return Ok(match r.fs_bytes {
+            Some(fs) if fs.saturating_add(MIN_GROW_BYTES) > part_bytes => Vec::new(),
+            fs => {
+                notes.push(format!(
+                    "{} already fills {}; growing its file system ({} of {part_bytes} bytes)",
+                    r.part_dev.display(),
+                    r.disk_dev.display(),
+                    fs.map_or("unknown".to_string(), |b| b.to_string())
+                ));
+                vec![resize]
+            }
+        });
+    }
     let kind = r.table.ok_or_else(|| {
         format!(
             "no GPT or MBR partition table found on {}",
             r.disk_dev.display()
         )
     })?;
-    if r.free_bytes() < MIN_GROW_BYTES {
-        // Already full size: the marker is written, nothing to do.
-        return Ok(Vec::new());
+    let mut a = vec![Action::GrowPartition {
+        disk: r.disk_dev.clone(),
+        partno: r.partno,
+        kind,
+    }];
+    if hold {
+        a.push(Action::Hold(HoldPoint::Grow));
     }
-    Ok(vec![
-        Action::GrowPartition {
-            disk: r.disk_dev.clone(),
-            partno: r.partno,
-            kind,
-        },
-        Action::Run(Cmd::new("resize2fs", &[]).arg_path(&r.part_dev)),
-    ])
+    a.push(resize);
+    Ok(a)
 }
 
 fn users(paths: &Paths, facts: &Facts, loaded: &Loaded) -> Vec<Action> {

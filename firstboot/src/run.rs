@@ -38,7 +38,8 @@ pub fn run(paths: &Paths, sys: &dyn Sys, sink: &dyn StatusSink, form: bool) -> R
             .collect(),
         Err(_) => Vec::new(),
     };
-    let facts = gather(paths, &names);
+    let mut facts = gather(paths, &names);
+    facts.hold = crate::hold::requested(sys);
     let fresh = Fresh {
         node_id: hex_random(sys),
         machine_id: hex_random(sys),

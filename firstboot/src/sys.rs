@@ -7,6 +7,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::hold::HoldPoint;
+
 /// An external command (ssh-keygen, mkfs.ext4, resize2fs, chpasswd, systemctl).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cmd {
@@ -71,6 +73,14 @@ pub trait Sys {
     fn links_up(&self, names: &[String]) -> io::Result<()>;
     /// sd_notify(3) message, e.g. `READY=1`. A no-op without `NOTIFY_SOCKET`.
     fn notify(&self, msg: &str) -> io::Result<()>;
+    /// The systemd credential `name` (from `$CREDENTIALS_DIRECTORY`), if the unit has it.
+    fn credential(&self, name: &str) -> io::Result<Option<String>>;
+    /// Fault injection ([`crate::hold`]): says so on the consoles and never returns on a
+    /// node, so a test can cut the power here.
+    fn hold(&self, point: HoldPoint) -> io::Result<()>;
+    /// Makes everything written to the file system holding `path` durable (syncfs(2)),
+    /// including what external commands (ssh-keygen, useradd, resize2fs) wrote.
+    fn syncfs(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The real thing.
@@ -167,6 +177,29 @@ impl Sys for RealSys {
         }
         Ok(())
     }
+
+    fn credential(&self, name: &str) -> io::Result<Option<String>> {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        crate::hold::read_credential(dir.as_deref(), name)
+    }
+
+    fn hold(&self, point: HoldPoint) -> io::Result<()> {
+        tracing::warn!("fault injection: holding at `{point}` until the power is cut");
+        crate::status::print_console(&point.console_line());
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+
+    fn syncfs(&self, path: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path)?;
+        // SAFETY: syncfs takes an open file descriptor, which `f` keeps alive.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// Records every call as one line; deterministic randomness; can be told to fail calls.
@@ -177,6 +210,7 @@ pub struct FakeSys {
     pub fail: Vec<String>,
     next_loop: Mutex<u32>,
     counter: Mutex<u8>,
+    credentials: std::collections::BTreeMap<String, String>,
 }
 
 impl FakeSys {
@@ -188,6 +222,11 @@ impl FakeSys {
             fail: prefixes.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
+    }
+    /// With the systemd credential `name` set to `value`.
+    pub fn with_credential(mut self, name: &str, value: &str) -> Self {
+        self.credentials.insert(name.into(), value.into());
+        self
     }
     /// The recorded calls, with `root` (the temp root) shown as `$ROOT`.
     pub fn calls(&self, root: &Path) -> Vec<String> {
@@ -251,5 +290,16 @@ impl Sys for FakeSys {
     }
     fn notify(&self, msg: &str) -> io::Result<()> {
         self.record(format!("notify {msg}"))
+    }
+    fn credential(&self, name: &str) -> io::Result<Option<String>> {
+        Ok(self.credentials.get(name).cloned())
+    }
+    /// Records `hold <point>` and returns: a test that wants the step cut short there
+    /// makes the fake fail `hold` (the rest of the step is then skipped, as after a crash).
+    fn hold(&self, point: HoldPoint) -> io::Result<()> {
+        self.record(format!("hold {point}"))
+    }
+    fn syncfs(&self, path: &Path) -> io::Result<()> {
+        self.record(format!("syncfs {}", path.display()))
     }
 }

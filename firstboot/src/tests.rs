@@ -1109,3 +1109,223 @@ fn wired_settings_left_by_an_older_firstboot_are_removed() {
     assert!(!old.exists());
     assert!(!n.exists("/etc/systemd/network/30-clutch-wlan0.network"));
 }
+
+// ---- power cuts: hold points (fault injection) and re-running half-done steps
+
+/// A boot with the `clutch.hold` credential, whose fake `hold` fails: the step it is in stops
+/// there, as if the power went (the other steps still run; a real node would stop).
+fn boot_cut_at(n: &Node, point: &str) -> (Report, Vec<String>, Vec<String>) {
+    let mut sys = FakeSys::new().with_credential(crate::hold::CREDENTIAL, point);
+    sys.fail.push("hold".into());
+    let (r, l) = n.boot_with(&sys);
+    (r, l, sys.calls(n.root()))
+}
+
+fn pos(calls: &[String], prefix: &str) -> usize {
+    calls
+        .iter()
+        .position(|c| c.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in {calls:#?}"))
+}
+
+/// An ext4 superblock (4 KiB blocks) for a file system of `bytes`, as `/dev/vda2`.
+fn root_fs_of(n: &Node, bytes: u64) {
+    let mut b = vec![0u8; 2048];
+    b[1024 + 0x38] = 0x53;
+    b[1024 + 0x39] = 0xEF;
+    b[1024 + 0x18..1024 + 0x1C].copy_from_slice(&2u32.to_le_bytes());
+    b[1024 + 4..1024 + 8].copy_from_slice(&((bytes / 4096) as u32).to_le_bytes());
+    fs::write(n.paths.host("/dev/vda2"), b).unwrap();
+}
+
+/// What the kernel sees after a reboot once the table was grown: vda2 reaches the disk end.
+fn partition_fills_disk(n: &Node) {
+    write(
+        &n.paths
+            .host("/sys/devices/pci0000:00/virtio2/block/vda/vda2/size"),
+        &format!("{}\n", 4_194_304 - 264_192 - 34),
+    );
+}
+
+#[test]
+fn no_hold_without_the_credential() {
+    let n = Node::new(Some(&basic()));
+    with_gpt_disk(&n);
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready);
+    assert!(!has(&calls, "hold"), "{calls:#?}");
+    assert!(
+        !rep.plan
+            .steps
+            .iter()
+            .flat_map(|s| &s.actions)
+            .any(|a| matches!(a, crate::plan::Action::Hold(_)))
+    );
+}
+
+#[test]
+fn hold_points_sit_where_the_power_cut_tests_need_them() {
+    for point in ["hostname", "grow", "loop"] {
+        let n = Node::new(Some(&basic()));
+        with_gpt_disk(&n);
+        let sys = FakeSys::new().with_credential(crate::hold::CREDENTIAL, point);
+        let (rep, _) = n.boot_with(&sys);
+        let calls = sys.calls(n.root());
+        assert_eq!(rep.phase, Phase::Ready, "{point}: {:?}", rep.error);
+        let holds: Vec<_> = calls.iter().filter(|c| c.starts_with("hold")).collect();
+        assert_eq!(holds, vec![&format!("hold {point}")], "{point}");
+        let h = pos(&calls, "hold");
+        match point {
+            "hostname" => {
+                assert!(pos(&calls, "run ssh-keygen") < h && h < pos(&calls, "sethostname"));
+                let id_step = rep.plan.step("identity").unwrap();
+                let at = |f: &dyn Fn(&crate::plan::Action) -> bool| {
+                    id_step.actions.iter().position(f).unwrap()
+                };
+                let hold = at(&|a| matches!(a, crate::plan::Action::Hold(_)));
+                let node_id = at(&|a| format!("{a:?}").contains("/var/lib/clutch/node-id"));
+                let hostname = at(&|a| format!("{a:?}").contains("/etc/hostname"));
+                assert!(node_id < hold && hold < hostname, "{id_step:#?}");
+            }
+            "grow" => {
+                assert_eq!(calls[h - 1], "grow_partition $ROOT/dev/vda 2 Gpt");
+                assert_eq!(calls[h + 1], "run resize2fs /dev/vda2");
+            }
+            "loop" => {
+                assert_eq!(
+                    calls[h + 1],
+                    "attach_loop $ROOT/var/lib/clutch/storage/data0.img -> loop0"
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn cut_before_the_hostname_keeps_the_node_id() {
+    let n = Node::new(Some(&basic()));
+    let (cut, lines, _) = boot_cut_at(&n, "hostname");
+    let id = cut.plan.node_id.clone();
+    let host = format!("node-{}", &id[..6]);
+    assert!(lines[0].contains(&format!("host={host}")), "{lines:?}");
+    // The id is on disk, the host name is not yet.
+    assert_eq!(n.read("/var/lib/clutch/node-id").trim(), id);
+    assert_eq!(n.read("/etc/hostname"), "clutch\n");
+    n.reboot();
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert_eq!(rep.plan.node_id, id);
+    assert_eq!(n.read("/etc/hostname"), format!("{host}\n"));
+    assert!(calls.contains(&format!("sethostname {host}")));
+}
+
+#[test]
+fn cut_between_partition_and_file_system_grow_finishes_the_file_system() {
+    let n = Node::new(Some(&basic()));
+    with_gpt_disk(&n);
+    let old_fs = 1_048_576 * 512;
+    root_fs_of(&n, old_fs);
+    let (_, _, calls) = boot_cut_at(&n, "grow");
+    assert!(has(&calls, "grow_partition"));
+    assert!(!has(&calls, "run resize2fs"), "cut before resize2fs");
+    assert!(!n.exists("/var/lib/clutch/done/grow-root"));
+
+    // Next boot: the partition is grown, the file system is not.
+    n.reboot();
+    partition_fills_disk(&n);
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert!(!has(&calls, "grow_partition"), "{calls:#?}");
+    assert!(calls.contains(&"run resize2fs /dev/vda2".to_string()));
+    assert!(
+        rep.plan
+            .notes
+            .iter()
+            .any(|x| x.contains("growing its file system")),
+        "{:?}",
+        rep.plan.notes
+    );
+    assert!(n.exists("/var/lib/clutch/done/grow-root"));
+}
+
+#[test]
+fn grown_partition_and_file_system_need_nothing() {
+    let n = Node::new(Some(&basic()));
+    with_gpt_disk(&n);
+    partition_fills_disk(&n);
+    root_fs_of(&n, (4_194_304 - 264_192 - 34) / 8 * 8 * 512);
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready);
+    assert!(!has(&calls, "grow_partition") && !has(&calls, "run resize2fs"));
+    assert!(n.exists("/var/lib/clutch/done/grow-root"));
+    assert_eq!(rep.plan.step("grow-root").unwrap().actions, vec![]);
+}
+
+#[test]
+fn cut_before_attaching_keeps_the_backing_file_and_its_data() {
+    let n = Node::new(Some(&basic()));
+    n.boot();
+    // Data written through /dev/clutch/data0 lands in the backing file.
+    let img = n.paths.host("/var/lib/clutch/storage/data0.img");
+    let pattern = b"clutch power cut pattern";
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(pattern).unwrap();
+    }
+    n.reboot();
+    let (rep, _, calls) = boot_cut_at(&n, "loop");
+    assert!(!has(&calls, "attach_loop"), "cut before the attach");
+    assert!(!n.exists("/dev/clutch/data0"));
+    assert!(
+        rep.error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("storage-data0: "),
+        "{:?}",
+        rep.error
+    );
+    n.reboot();
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert!(has(&calls, "attach_loop"));
+    assert_eq!(
+        fs::read_link(n.paths.host("/dev/clutch/data0")).unwrap(),
+        Path::new("/dev/loop0")
+    );
+    assert_eq!(fs::metadata(&img).unwrap().len(), 2 << 30);
+    let mut back = vec![0u8; pattern.len()];
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = fs::File::open(&img).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.read_exact(&mut back).unwrap();
+    }
+    assert_eq!(back, pattern);
+}
+
+#[test]
+fn cut_on_the_very_first_loop_setup_attaches_next_boot() {
+    // The backing file was made at the cut; nothing attached, no data yet.
+    let n = Node::new(Some(&basic()));
+    let (_, _, calls) = boot_cut_at(&n, "loop");
+    assert!(!has(&calls, "attach_loop"));
+    let img = n.paths.host("/var/lib/clutch/storage/data0.img");
+    assert_eq!(fs::metadata(&img).unwrap().len(), 2 << 30);
+    n.reboot();
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert!(has(&calls, "attach_loop"));
+    assert_eq!(n.status().storage[0].loop_device, "/dev/loop0");
+}
+
+#[test]
+fn everything_is_synced_before_ready() {
+    let n = Node::new(Some(&basic()));
+    let (_, _, calls) = n.boot();
+    let sync = pos(&calls, "syncfs $ROOT");
+    assert!(sync > pos(&calls, "run ssh-keygen"));
+    assert!(sync < pos(&calls, "notify READY=1"));
+}
