@@ -458,6 +458,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// QEMU arguments that hand the guest a systemd system credential `name=value` (SMBIOS
+/// type 11 strings, which systemd imports into `/run/credentials/@system` in a VM). Units
+/// see it with `ImportCredential=name`, e.g. clutch-firstboot's `clutch.hold` hold points.
+pub fn smbios_credential(name: &str, value: &str) -> Vec<String> {
+    vec![
+        "-smbios".into(),
+        format!("type=11,value=io.systemd.credential:{name}={value}"),
+    ]
+}
+
 /// User-mode networking with the guest's ssh on `127.0.0.1:port`. Guest traffic stays inside
 /// QEMU's private slirp network (`restrict=on`: no route to the outside).
 pub fn user_net_with_ssh(port: u16) -> Vec<String> {
