@@ -72,44 +72,9 @@ pub fn cluster_id(token: &str, cluster_name: &str) -> String {
     hex::encode(&out[..16])
 }
 
-/// Formation phase of a node (the cluster-related subset of the SPEC's phases).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Discovering,
-    Bootstrapping,
-    Joining,
-    Ready,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Discovering => "discovering",
-            Phase::Bootstrapping => "bootstrapping",
-            Phase::Joining => "joining",
-            Phase::Ready => "ready",
-            Phase::Failed => "failed",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Phase> {
-        Some(match s {
-            "discovering" => Phase::Discovering,
-            "bootstrapping" => Phase::Bootstrapping,
-            "joining" => Phase::Joining,
-            "ready" => Phase::Ready,
-            "failed" => Phase::Failed,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Formation phase of a node: the SPEC's phases, shared with clutch-firstboot (the cluster
+/// code never reports `configuring`).
+pub use clutch_config::Phase;
 
 /// What a node is in the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 
 pub mod board;
 pub mod diag;
+pub mod phase;
 pub mod schema;
 pub mod types;
 
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use board::{Board, TEMPLATE_PLACEHOLDERS};
 pub use diag::{Diagnostic, Invalid, KeyPath};
+pub use phase::Phase;
 pub use schema::*;
 pub use types::*;
 

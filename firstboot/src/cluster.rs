@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clutch_cluster::{NodeId, Phase as CPhase, Role};
+use clutch_cluster::{NodeId, Role};
 use clutch_config::{Cluster, Token};
 
 use crate::status::{Phase, StatusSink, StatusUpdate};
@@ -110,13 +110,7 @@ pub fn real_links(root: &Path) -> Vec<LinkAddrs> {
 /// Maps a cluster status to firstboot's: phase, role (`pending` until decided), leader and
 /// members as host names (the leader's id when its host name is not known yet), error.
 pub fn map_status(s: &clutch_cluster::Status) -> StatusUpdate {
-    let phase = match s.phase {
-        CPhase::Discovering => Phase::Discovering,
-        CPhase::Bootstrapping => Phase::Bootstrapping,
-        CPhase::Joining => Phase::Joining,
-        CPhase::Ready => Phase::Ready,
-        CPhase::Failed => Phase::Failed,
-    };
+    let phase = s.phase;
     let role = match s.role {
         Role::None => "pending",
         Role::Server => "server",
@@ -343,7 +337,7 @@ mod tests {
         }
     }
 
-    fn status(phase: CPhase, role: Role, leader: Option<&str>) -> clutch_cluster::Status {
+    fn status(phase: Phase, role: Role, leader: Option<&str>) -> clutch_cluster::Status {
         clutch_cluster::Status {
             phase,
             node_id: "aa".parse().unwrap(),
@@ -360,7 +354,7 @@ mod tests {
 
     #[test]
     fn maps_cluster_status_to_firstboot_status() {
-        let u = map_status(&status(CPhase::Discovering, Role::None, None));
+        let u = map_status(&status(Phase::Discovering, Role::None, None));
         assert_eq!(u.phase, Some(Phase::Discovering));
         assert_eq!(u.role.as_deref(), Some("pending"));
         assert_eq!(u.leader.as_deref(), Some(""));
@@ -370,12 +364,12 @@ mod tests {
         );
         assert_eq!(u.error, Some(None));
 
-        let u = map_status(&status(CPhase::Ready, Role::Server, Some("bb")));
+        let u = map_status(&status(Phase::Ready, Role::Server, Some("bb")));
         assert_eq!(u.phase, Some(Phase::Ready));
         assert_eq!(u.role.as_deref(), Some("server"));
         assert_eq!(u.leader.as_deref(), Some("lab-bbbbbb"));
 
-        let mut s = status(CPhase::Failed, Role::Agent, Some("cc"));
+        let mut s = status(Phase::Failed, Role::Agent, Some("cc"));
         s.error = Some("engine: etcd did not start".into());
         let u = map_status(&s);
         assert_eq!(u.phase, Some(Phase::Failed));
@@ -417,10 +411,10 @@ mod tests {
             Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
         );
         for (p, r) in [
-            (CPhase::Discovering, Role::None),
-            (CPhase::Discovering, Role::None),
-            (CPhase::Joining, Role::Server),
-            (CPhase::Ready, Role::Server),
+            (Phase::Discovering, Role::None),
+            (Phase::Discovering, Role::None),
+            (Phase::Joining, Role::Server),
+            (Phase::Ready, Role::Server),
         ] {
             b.set(map_status(&status(p, r, Some("bb"))));
         }
@@ -442,7 +436,7 @@ mod tests {
         use crate::status::StatusBoard;
         let d = tempfile::tempdir().unwrap();
         let b = StatusBoard::new(d.path().join("status.json"), Box::new(|_| {}));
-        let mut s = status(CPhase::Discovering, Role::None, None);
+        let mut s = status(Phase::Discovering, Role::None, None);
         s.waiting = "2/3 nodes authenticated (2 seen), need quorum 3; waiting".into();
         b.set(map_status(&s));
         let text = std::fs::read_to_string(b.path()).unwrap();

@@ -1,6 +1,5 @@
 //! The live status (`/run/clutch/status.json`) and the console line on every phase change.
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -9,35 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsx;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Configuring,
-    Discovering,
-    Bootstrapping,
-    Joining,
-    Ready,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Configuring => "configuring",
-            Phase::Discovering => "discovering",
-            Phase::Bootstrapping => "bootstrapping",
-            Phase::Joining => "joining",
-            Phase::Ready => "ready",
-            Phase::Failed => "failed",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use clutch_config::Phase;
 
 /// One loopback device as reported in the status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
