@@ -1,129 +1,43 @@
-//! The real cluster (issue 4): `clutch lab up image-configs/amd64-lab.toml --nodes 3` boots
-//! three VMs of one etcd image in a private network namespace; they find each other over
-//! mDNS and form a 3-member etcd cluster. Checked from inside the namespace over ssh:
-//! `etcdctl member list` shows 3 started members from every node, a key written on one node
-//! is read on another, and with one VM killed the other two still accept writes.
+//! The real cluster (issues 4 and 8): `clutch lab up image-configs/amd64-lab.toml --nodes 3`
+//! boots three VMs of one etcd image in a private network namespace; they find each other
+//! over mDNS and form a 3-member etcd cluster.
+//!
+//! In the same run, the first node seen at `phase=joining` loses its power during the join,
+//! as soon as its etcd has begun writing its data dir (`clutch lab kill`: SIGKILL to its
+//! QEMU; its admitting server has already added it as an etcd member, and being the second
+//! member, the cluster has no quorum without it) and is powered on again on the same disk (`clutch lab
+//! start`). It must end `phase=ready` with the same node id and hostname, and every node's
+//! `etcdctl member list` must show exactly 3 started members (no stale or unstarted
+//! duplicate of it). Then, checked from inside the namespace over ssh: a key written on one
+//! node is read on another, and with one VM killed the other two still accept writes.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use clutch_qemu_tests::lab::{Lab, PhaseWatch, field};
 use clutch_qemu_tests::*;
 
-/// TCG, three guests on two cores: boot, etcd start and formation all run slowly.
-const FORMATION: Duration = Duration::from_secs(20 * 60);
+/// TCG, three guests on two cores: boot, etcd start and formation all run slowly; the
+/// power-cut node boots a second time.
+const FORMATION: Duration = Duration::from_secs(25 * 60);
+/// The joiner loses its power as soon as etcd has begun writing its data dir (the
+/// admitting server ran `etcdctl member add` before the joiner printed `joining`), or
+/// after this long in `joining` if etcd never gets that far.
+const CUT_BY: Duration = Duration::from_secs(120);
+/// How long the power stays off.
+const OFF_FOR: Duration = Duration::from_secs(3);
 
-fn clutch(args: &[&str]) -> Result<String> {
-    let o = Command::new(bin("clutch"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running clutch")?;
-    if !o.status.success() {
-        bail!("clutch {} failed ({})", args.join(" "), o.status);
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+/// What we knew about the power-cut node.
+struct Cut {
+    node: usize,
+    host: String,
+    node_id: String,
+    killed_at: Duration,
+    started: Instant,
+    started_at: Duration,
 }
 
-/// Runs `clutch lab down` when dropped, also when the test panics.
-struct LabGuard {
-    dir: PathBuf,
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        match clutch(&["lab", "down", "--dir", &self.dir.display().to_string()]) {
-            Ok(out) => eprint!("lab down:\n{out}"),
-            Err(e) => eprintln!("lab down failed: {e:#}"),
-        }
-    }
-}
-
-struct Node {
-    name: String,
-    ip: String,
-    pidfile: PathBuf,
-    console: PathBuf,
-}
-
-/// `clutch lab up` stdout: `namespace=NS`, then `nodeI\tip=..\tmac=..\tpidfile=..\tconsole=..`.
-fn parse_up(out: &str) -> (String, Vec<Node>) {
-    let mut ns = String::new();
-    let mut nodes = Vec::new();
-    for line in out.lines() {
-        if let Some(n) = line.strip_prefix("namespace=") {
-            ns = n.to_string();
-            continue;
-        }
-        let mut f = line.split('\t');
-        let Some(name) = f.next() else { continue };
-        let kv: BTreeMap<&str, &str> = f.filter_map(|x| x.split_once('=')).collect();
-        if let (Some(ip), Some(p), Some(c)) = (kv.get("ip"), kv.get("pidfile"), kv.get("console")) {
-            nodes.push(Node {
-                name: name.to_string(),
-                ip: ip.to_string(),
-                pidfile: PathBuf::from(p),
-                console: PathBuf::from(c),
-            });
-        }
-    }
-    (ns, nodes)
-}
-
-/// Every `clutch: phase=X` of a console log, in order, with the rest of its line.
-fn phases(console: &Path) -> Vec<(String, String)> {
-    let text = String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default()).into_owned();
-    text.split(['\n', '\r'])
-        .filter_map(|l| {
-            let i = l.find("clutch: phase=")?;
-            let rest = &l[i + "clutch: phase=".len()..];
-            let phase = rest.split_whitespace().next()?.to_string();
-            Some((phase, l[i..].trim().to_string()))
-        })
-        .collect()
-}
-
-fn tail(p: &Path, n: usize) -> String {
-    let t = String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    let v: Vec<&str> = t.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
-/// ssh into a guest from inside the lab's namespace, retrying while sshd comes up.
-fn ssh_ns(ns: &str, ip: &str, cmd: &str, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let o = Command::new("ip")
-            .args(["netns", "exec", ns, "ssh", "-q", "-o", "BatchMode=yes"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "ConnectTimeout=10", "-i"])
-            .arg(&ssh_key().private)
-            .arg(format!("admin@{ip}"))
-            .arg(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .context("ip netns exec ... ssh")?;
-        if o.status.success() {
-            return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ssh {ip} `{cmd}` failed ({}): {}{}",
-                o.status,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
+fn member_lines(list: &str) -> Vec<&str> {
+    list.lines().filter(|l| !l.trim().is_empty()).collect()
 }
 
 #[test]
@@ -132,182 +46,291 @@ fn three_vms_form_an_etcd_cluster() {
     let t_test = Instant::now();
     let cfg = test_config("amd64-lab", "amd64-lab", |t| t);
     let img = build_image(&cfg, "raw").expect("build amd64-lab");
-    let dir = artifacts().join("lab");
-    // A lab left behind by a killed run: take it down before starting again.
-    let _ = clutch(&["lab", "down", "--dir", &dir.display().to_string()]);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let guard = LabGuard { dir: dir.clone() };
+    let lab = Lab::up(&cfg, &img, &artifacts().join("lab"), 3).expect("clutch lab up");
+    let ssh_wait = Duration::from_secs(180);
 
-    let out = clutch(&[
-        "lab",
-        "up",
-        &cfg.display().to_string(),
-        "--nodes",
-        "3",
-        "--dir",
-        &dir.display().to_string(),
-        "--image",
-        &img.display().to_string(),
-    ])
-    .expect("clutch lab up");
-    let powered_on = Instant::now();
-    eprint!("lab up:\n{out}");
-    let (ns, nodes) = parse_up(&out);
-    assert!(ns.starts_with("clutch-lab-"), "namespace in {out:?}");
-    assert_eq!(nodes.len(), 3, "three nodes in {out:?}");
-
-    // Watch the consoles; note when each phase line first shows up (host clock, 1 s).
-    let mut seen: BTreeMap<(String, String), Duration> = BTreeMap::new();
-    let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut w = PhaseWatch::default();
+    let mut joining: Option<(usize, Instant)> = None;
+    let mut cut: Option<Cut> = None;
     let all_ready = loop {
-        let mut ready = 0;
-        for n in &nodes {
-            let p = phases(&n.console);
-            let done = printed.entry(n.name.clone()).or_default();
-            for (phase, line) in &p[*done..] {
-                let at = powered_on.elapsed();
-                eprintln!("[{:>5.0}s] {}: {line}", at.as_secs_f64(), n.name);
-                seen.entry((n.name.clone(), phase.clone())).or_insert(at);
-            }
-            *done = p.len();
-            if p.last().is_some_and(|(ph, _)| ph == "ready") {
-                ready += 1;
-            }
-            if p.last().is_some_and(|(ph, _)| ph == "failed") {
-                panic!(
-                    "{} reports phase=failed\n----- console -----\n{}",
-                    n.name,
-                    tail(&n.console, 80)
+        w.poll(&lab);
+        if let Some(f) = w.failed() {
+            panic!(
+                "{} reports phase=failed: {}{}",
+                lab.nodes[f.node].name,
+                f.line,
+                lab.consoles(80)
+            );
+        }
+        if joining.is_none() {
+            joining = (0..lab.nodes.len())
+                .find(|&i| w.phase(i) == Some("joining"))
+                .map(|i| (i, Instant::now()));
+        }
+        if let (None, Some((v, since))) = (&cut, joining) {
+            let name = lab.nodes[v].name.clone();
+            let last = w.last[&v].clone();
+            let host = field(&last.line, "host").expect("host= in the phase line");
+            // One ssh session waits on the joiner until etcd's data dir shows up, then
+            // reports where the join stands; the power goes right after.
+            let probe = lab
+                .ssh(
+                    v,
+                    &format!(
+                        "sudo cat /var/lib/clutch/node-id; echo; \
+                         sudo timeout {} sh -c 'until test -e /var/lib/etcd/clutch/member; do sleep 0.3; done'; \
+                         systemctl is-active etcd; \
+                         sudo find /var/lib/etcd/clutch -maxdepth 3 2>&1 | head -20; true",
+                        CUT_BY.as_secs()
+                    ),
+                    CUT_BY + Duration::from_secs(60),
+                )
+                .expect("ssh to the joiner before the power cut");
+            let node_id = probe.lines().next().unwrap_or_default().trim().to_string();
+            assert_eq!(node_id.len(), 32, "node id of {name}: {probe}");
+            let out = lab.kill(&name).expect("clutch lab kill");
+            let killed_at = lab.powered_on.elapsed();
+            eprintln!(
+                "[{:>5.0}s] POWER CUT {name} ({host}, node id {node_id}) {:.0}s into phase=joining: {}\n\
+                 joiner just before the cut (etcd unit state, data dir):\n{}",
+                killed_at.as_secs_f64(),
+                since.elapsed().as_secs_f64(),
+                out.trim(),
+                probe.lines().skip(1).collect::<Vec<_>>().join("\n")
+            );
+            assert!(out.contains("killed"), "lab kill: {out}");
+            w.poll(&lab);
+            assert_eq!(
+                (w.last[&v].boot, w.last[&v].phase.as_str()),
+                (1, "joining"),
+                "{name} finished its join before the power cut; nothing was cut short"
+            );
+            std::thread::sleep(OFF_FOR);
+            let out = lab.start(&name).expect("clutch lab start");
+            assert!(out.contains("boot=2"), "lab start: {out}");
+            let started_at = lab.powered_on.elapsed();
+            eprintln!(
+                "[{:>5.0}s] powered {name} on again: {}",
+                started_at.as_secs_f64(),
+                out.trim()
+            );
+            // What the cluster thinks of it meanwhile (a server that is ready).
+            if let Some(s) = (0..lab.nodes.len()).find(|&i| w.phase(i) == Some("ready")) {
+                let l = lab
+                    .ssh(
+                        s,
+                        "etcdctl --command-timeout=5s member list 2>&1; true",
+                        Duration::from_secs(30),
+                    )
+                    .unwrap_or_else(|e| format!("{e:#}"));
+                eprintln!(
+                    "{}: etcdctl member list with {name} down:\n{}",
+                    lab.nodes[s].name,
+                    l.trim_end()
                 );
             }
+            cut = Some(Cut {
+                node: v,
+                host,
+                node_id,
+                killed_at,
+                started: Instant::now(),
+                started_at,
+            });
         }
-        if ready == nodes.len() {
-            break powered_on.elapsed();
+        let victim_rebooted = cut
+            .as_ref()
+            .is_some_and(|c| w.last.get(&c.node).is_some_and(|e| e.boot == 2));
+        if w.ready() == lab.nodes.len() && victim_rebooted {
+            break lab.powered_on.elapsed();
         }
-        if powered_on.elapsed() > FORMATION {
-            let mut msg = String::new();
-            for n in &nodes {
-                msg += &format!(
-                    "\n----- console of {} ({}) -----\n{}",
-                    n.name,
-                    n.console.display(),
-                    tail(&n.console, 60)
-                );
-            }
-            panic!("not all nodes ready within {}s{msg}", FORMATION.as_secs());
+        if w.ready() == lab.nodes.len() && cut.is_none() {
+            panic!("all nodes ready, but no node was seen in phase=joining to cut");
+        }
+        if lab.powered_on.elapsed() > FORMATION {
+            panic!(
+                "not all nodes ready within {}s{}",
+                FORMATION.as_secs(),
+                lab.consoles(60)
+            );
         }
         std::thread::sleep(Duration::from_secs(1));
     };
+    let cut = cut.unwrap();
+    let victim = &lab.nodes[cut.node];
+    let rejoin = cut.started.elapsed();
     eprintln!(
-        "formation: all 3 nodes at phase=ready {:.0}s after the last VM was powered on",
-        all_ready.as_secs_f64()
+        "formation: all 3 nodes at phase=ready {:.0}s after the last VM was powered on \
+         (with {} power-cut at {:.0}s and on again at {:.0}s: ready {:.0}s after that)",
+        all_ready.as_secs_f64(),
+        victim.name,
+        cut.killed_at.as_secs_f64(),
+        cut.started_at.as_secs_f64(),
+        rejoin.as_secs_f64()
     );
-    for n in &nodes {
-        let get = |p: &str| seen.get(&(n.name.clone(), p.to_string())).copied();
-        let mut line = format!("{}:", n.name);
-        let mut prev: Option<(&str, Duration)> = None;
-        for p in [
-            "configuring",
-            "discovering",
-            "bootstrapping",
-            "joining",
-            "ready",
-        ] {
-            if let Some(at) = get(p) {
-                if let Some((pp, pa)) = prev {
-                    line += &format!(" {pp} {:.0}s,", (at - pa).as_secs_f64());
-                }
-                prev = Some((p, at));
-            }
+    for (i, n) in lab.nodes.iter().enumerate() {
+        eprintln!("phase times {}:{}", n.name, w.durations(i, 1));
+        if i == cut.node {
+            eprintln!(
+                "phase times {} after the power cut (boot 2, from power-on again):{}",
+                n.name,
+                w.durations(i, 2)
+                    .replace(" (first phase line at", " (first phase line at lab time")
+            );
         }
-        if let Some(at) = get("configuring") {
-            line += &format!(" (first phase line at {:.0}s)", at.as_secs_f64());
-        }
-        eprintln!("phase times {line}");
     }
-    eprint!(
-        "lab status:\n{}",
-        clutch(&["lab", "status", "--dir", &dir.display().to_string()]).unwrap()
+    eprint!("lab status:\n{}", lab.status().unwrap());
+
+    // The power-cut node is the same node: hostname and node id, and ready in its new boot.
+    let ready = &w.last[&cut.node];
+    assert_eq!((ready.boot, ready.phase.as_str()), (2, "ready"));
+    assert_eq!(
+        field(&ready.line, "host").as_deref(),
+        Some(cut.host.as_str()),
+        "{} came back under another hostname",
+        victim.name
+    );
+    let id_after = lab
+        .ssh(cut.node, "sudo cat /var/lib/clutch/node-id", ssh_wait)
+        .unwrap();
+    assert_eq!(id_after.trim(), cut.node_id, "node id of {}", victim.name);
+    let status = lab
+        .ssh(cut.node, "sudo cat /run/clutch/status.json", ssh_wait)
+        .unwrap();
+    assert!(
+        status.contains(&cut.node_id) && status.contains("\"ready\""),
+        "{}: status.json: {status}",
+        victim.name
     );
 
-    // From every node: 3 started members.
-    let ssh_wait = Duration::from_secs(180);
-    for n in &nodes {
-        let list = ssh_ns(&ns, &n.ip, "etcdctl member list", ssh_wait).unwrap();
-        let started = list.lines().filter(|l| l.contains(", started, ")).count();
-        assert_eq!(started, 3, "{}: etcdctl member list:\n{list}", n.name);
+    // How the cluster let it back in (the admitting server's and its own log).
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let boot = if i == cut.node { "-b" } else { "" };
+        let log = lab
+            .ssh(
+                i,
+                &format!(
+                    "sudo journalctl -u clutch-firstboot {boot} --no-pager -o cat | \
+                     grep -iE 'rejoin|quorum|stale|admission failed|admitting|interrupted|data dir' | tail -n 8; true"
+                ),
+                ssh_wait,
+            )
+            .unwrap_or_else(|e| format!("{e:#}"));
+        if !log.trim().is_empty() {
+            eprintln!("{} clutch-firstboot log:\n{}", n.name, log.trim_end());
+        }
+    }
+
+    // From every node: exactly 3 members, all started, one per node (no stale or
+    // unstarted duplicate of the power-cut node).
+    let hosts: Vec<String> = (0..lab.nodes.len())
+        .map(|i| field(&w.last[&i].line, "host").unwrap())
+        .collect();
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let list = lab.ssh(i, "etcdctl member list", ssh_wait).unwrap();
         eprintln!("{}: etcdctl member list:\n{}", n.name, list.trim_end());
+        let lines = member_lines(&list);
+        assert_eq!(lines.len(), 3, "{}: etcdctl member list:\n{list}", n.name);
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(", started, ")).count(),
+            3,
+            "{}: etcdctl member list:\n{list}",
+            n.name
+        );
+        for h in &hosts {
+            assert_eq!(
+                lines
+                    .iter()
+                    .filter(|l| l.contains(&format!(", started, {h}, ")))
+                    .count(),
+                1,
+                "{}: one started member named {h}:\n{list}",
+                n.name
+            );
+        }
     }
-    // Written on one, read on another.
-    ssh_ns(
-        &ns,
-        &nodes[0].ip,
-        "etcdctl put clutch/lab written-on-node0",
-        ssh_wait,
-    )
-    .unwrap();
-    let v = ssh_ns(
-        &ns,
-        &nodes[1].ip,
-        "etcdctl get --print-value-only clutch/lab",
-        ssh_wait,
-    )
-    .unwrap();
+    // Written on one, read on another; the power-cut node reads and writes too.
+    lab.ssh(0, "etcdctl put clutch/lab written-on-node0", ssh_wait)
+        .unwrap();
+    let v = lab
+        .ssh(1, "etcdctl get --print-value-only clutch/lab", ssh_wait)
+        .unwrap();
     assert_eq!(v.trim(), "written-on-node0");
+    let v = lab
+        .ssh(
+            cut.node,
+            "etcdctl get --print-value-only clutch/lab",
+            ssh_wait,
+        )
+        .unwrap();
+    assert_eq!(v.trim(), "written-on-node0", "read on {}", victim.name);
+    let put = lab
+        .ssh(
+            cut.node,
+            "etcdctl put clutch/rejoined power-cut-node",
+            ssh_wait,
+        )
+        .unwrap();
+    assert!(put.contains("OK"), "put on {}: {put}", victim.name);
+    let other = (cut.node + 1) % lab.nodes.len();
+    let v = lab
+        .ssh(
+            other,
+            "etcdctl get --print-value-only clutch/rejoined",
+            ssh_wait,
+        )
+        .unwrap();
+    assert_eq!(v.trim(), "power-cut-node");
 
-    // Kill one VM (by its pid): the other two keep quorum and accept writes.
-    let victim = &nodes[2];
-    let pid = std::fs::read_to_string(&victim.pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    let st = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
-    assert!(st.success(), "kill {pid}");
+    // Kill one VM for good: the other two keep quorum and accept writes.
+    let last = lab.nodes.len() - 1;
+    let out = lab.kill(&lab.nodes[last].name).expect("clutch lab kill");
+    assert!(out.contains("killed"), "lab kill: {out}");
     let t_kill = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() && t_kill.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("killed {} (pid {pid})", victim.name);
+    eprintln!("{}", out.trim());
     // A leader election may be under way if the victim led: retry for a while.
-    let put = ssh_ns(
-        &ns,
-        &nodes[0].ip,
-        "etcdctl --command-timeout=10s put clutch/after-kill still-writable",
-        Duration::from_secs(120),
-    )
-    .unwrap();
+    let put = lab
+        .ssh(
+            0,
+            "etcdctl --command-timeout=10s put clutch/after-kill still-writable",
+            Duration::from_secs(120),
+        )
+        .unwrap();
     assert!(put.contains("OK"), "put after kill: {put}");
-    let put2 = ssh_ns(
-        &ns,
-        &nodes[1].ip,
-        "etcdctl --command-timeout=10s put clutch/after-kill2 node1-too",
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let put2 = lab
+        .ssh(
+            1,
+            "etcdctl --command-timeout=10s put clutch/after-kill2 node1-too",
+            Duration::from_secs(60),
+        )
+        .unwrap();
     assert!(put2.contains("OK"), "put on node1 after kill: {put2}");
-    let v = ssh_ns(
-        &ns,
-        &nodes[1].ip,
-        "etcdctl get --print-value-only clutch/after-kill",
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let v = lab
+        .ssh(
+            1,
+            "etcdctl get --print-value-only clutch/after-kill",
+            Duration::from_secs(60),
+        )
+        .unwrap();
     assert_eq!(v.trim(), "still-writable");
     eprintln!(
         "writes accepted by the 2 survivors {:.0}s after the kill",
         t_kill.elapsed().as_secs_f64()
     );
 
-    drop(guard);
+    let ns = lab.ns.clone();
+    let nodes = lab.nodes.clone();
+    drop(lab);
     // Down removed everything it made.
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     assert!(
         !String::from_utf8_lossy(&netns.stdout).contains(&ns),
         "namespace {ns} still there"
     );
-    for n in &nodes[..2] {
+    for n in &nodes {
         assert!(!n.pidfile.exists(), "{} still has a pidfile", n.name);
     }
     eprintln!(
