@@ -1,14 +1,19 @@
 //! `scripts/bench`: measures what issue 8 asks for and writes a Markdown table.
 //!
-//!   clutch-bench [--out bench/results.md] [--no-cold]
+//!   clutch-bench [--out bench/results.md] [--no-cold] [--no-lab] [--lab-only]
 //!
 //! - cold build: a fresh, empty cache (root filesystem from mmdebstrap)
 //! - warm build: the same cache, `[user]` changed
 //! - image sizes: raw apparent and on disk, qcow2, zst
 //! - first boot under QEMU/TCG (SeaBIOS): power-on to `clutch: phase=ready` and to `login:`;
 //!   firstboot's peak memory and CPU time from systemd's accounting
+//! - the 3-node etcd lab (`clutch lab up`, image-configs/amd64-lab.toml): the last VM's
+//!   power-on to `phase=ready` on all three, each node's phase times, and per node
+//!   clutch-firstboot's peak memory (cgroup MemoryPeak and the daemon's VmHWM) and CPU time
 //!
 //! It is a benchmark, not a test: it reports numbers and asserts nothing about them.
+//! Rows it did not measure this time (`--lab-only`, `--no-lab`, `--no-cold`) are kept from
+//! the existing results file, and so is everything after its first table.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
@@ -54,7 +59,10 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("bench/results.md"));
-    let cold = !args.iter().any(|a| a == "--no-cold");
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let lab_only = flag("--lab-only");
+    let cold = !flag("--no-cold") && !lab_only;
+    let with_lab = !flag("--no-lab");
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String| {
         eprintln!("bench: {what}: {value}");
@@ -63,7 +71,17 @@ fn main() -> Result<()> {
             value,
         });
     };
+    if !lab_only {
+        single_vm(cold, &mut row)?;
+    }
+    if with_lab {
+        lab_run(&mut row)?;
+    }
+    write_results(&out_md, rows)
+}
 
+/// Builds and boots the single-VM image (amd64-vm).
+fn single_vm(cold: bool, row: &mut dyn FnMut(&str, String)) -> Result<()> {
     let cfg = test_config("amd64-vm", "bench-vm", |t| t);
     if cold {
         let fresh = tempfile::tempdir_in(artifacts())?;
@@ -147,12 +165,154 @@ fn main() -> Result<()> {
         );
     }
     drop(vm);
+    Ok(())
+}
 
+/// The 3-node lab, as `clutch lab up` runs it: formation time, phase times, and
+/// clutch-firstboot's memory and CPU on every node.
+fn lab_run(row: &mut dyn FnMut(&str, String)) -> Result<()> {
+    use clutch_qemu_tests::lab::{Lab, PhaseWatch, field, firstboot_usage};
+    let cfg = test_config("amd64-lab", "bench-lab", |t| t);
+    let (img, _) = build(&cfg, &cache_dir(), "raw")?;
+    let _one = serial_lock();
+    let lab = Lab::up(&cfg, &img, &artifacts().join("bench/lab"), 3)?;
+    let mut w = PhaseWatch::default();
+    let limit = Duration::from_secs(20 * 60);
+    let formed = loop {
+        w.poll(&lab);
+        if let Some(f) = w.failed() {
+            bail!(
+                "{}: phase=failed: {}{}",
+                lab.nodes[f.node].name,
+                f.line,
+                lab.consoles(60)
+            );
+        }
+        if w.ready() == lab.nodes.len() {
+            break lab.powered_on.elapsed();
+        }
+        if lab.powered_on.elapsed() > limit {
+            bail!(
+                "lab not ready within {}s{}",
+                limit.as_secs(),
+                lab.consoles(60)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    row(
+        "3-node lab (etcd): last VM's power-on to phase=ready on all three (TCG, 3 VMs on 2 cores)",
+        format!("{:.0} s", formed.as_secs_f64()),
+    );
+    let secs = |i: usize, p: &str| {
+        w.first_seen
+            .get(&(i, 1, p.to_string()))
+            .map(|d| d.as_secs_f64())
+    };
+    let mut joins = Vec::new();
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let role = field(&w.last[&i].line, "role").unwrap_or_default();
+        let host = field(&w.last[&i].line, "host").unwrap_or_default();
+        eprintln!(
+            "bench: lab {} ({host}) phase times:{}",
+            n.name,
+            w.durations(i, 1)
+        );
+        if let (Some(a), Some(b)) = (secs(i, "bootstrapping"), secs(i, "ready")) {
+            row(
+                "lab: bootstrap (phase=bootstrapping to ready, first etcd member)",
+                format!("{:.0} s", b - a),
+            );
+        }
+        if let (Some(a), Some(b)) = (secs(i, "joining"), secs(i, "ready")) {
+            joins.push(b - a);
+        }
+        let u = firstboot_usage(&lab, i, Duration::from_secs(180))?;
+        let what = format!("lab {} ({role}): clutch-firstboot", n.name);
+        let mut parts = Vec::new();
+        if let Some(p) = u.memory_peak {
+            parts.push(format!("MemoryPeak {}", mib(p)));
+        }
+        if let Some(h) = u.vm_hwm_kib {
+            parts.push(format!("VmHWM {:.1} MiB", h as f64 / 1024.0));
+        }
+        if let Some(c) = u.cpu_nsec {
+            parts.push(format!("CPU {:.2} s", c as f64 / 1e9));
+        }
+        row(&what, parts.join(", "));
+    }
+    if !joins.is_empty() {
+        let v: Vec<String> = joins.iter().map(|j| format!("{j:.0} s")).collect();
+        row(
+            "lab: join (phase=joining to ready, admitted etcd member start), per joiner",
+            v.join(", "),
+        );
+    }
+    if let Some(last) = (0..lab.nodes.len())
+        .filter_map(|i| secs(i, "configuring"))
+        .reduce(f64::max)
+    {
+        row(
+            "lab: power-on to the last node's first phase line (boot, TCG)",
+            format!("{last:.0} s"),
+        );
+    }
+    drop(lab);
+    Ok(())
+}
+
+/// The rows of the first table of an existing results file, and whatever follows it.
+fn existing_results(text: &str) -> (Vec<Row>, String) {
+    let mut rows = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.starts_with("| measurement |") {
+            lines.next(); // |---|---|
+            while let Some(r) = lines.peek() {
+                let Some(inner) = r.strip_prefix("| ").and_then(|r| r.strip_suffix(" |")) else {
+                    break;
+                };
+                if let Some((what, value)) = inner.rsplit_once(" | ") {
+                    rows.push(Row {
+                        what: what.into(),
+                        value: value.into(),
+                    });
+                }
+                lines.next();
+            }
+            let rest: Vec<&str> = lines.collect();
+            return (rows, rest.join("\n"));
+        }
+    }
+    (rows, String::new())
+}
+
+/// Writes the results: this run's rows, in the order of the existing table where it had
+/// them, rows this run did not measure kept, and the rest of the existing file after it.
+fn write_results(out_md: &Path, rows: Vec<Row>) -> Result<()> {
+    let old = std::fs::read_to_string(out_md).unwrap_or_default();
+    let (old_rows, rest) = existing_results(&old);
+    let mut merged: Vec<Row> = Vec::new();
+    for o in old_rows {
+        match rows.iter().find(|r| r.what == o.what) {
+            Some(r) => merged.push(Row {
+                what: r.what.clone(),
+                value: r.value.clone(),
+            }),
+            None => merged.push(o),
+        }
+    }
+    for r in rows {
+        if !merged.iter().any(|m| m.what == r.what) {
+            merged.push(r);
+        }
+    }
     let mut md = String::new();
     writeln!(md, "# clutch benchmarks\n")?;
     writeln!(
         md,
-        "Reproduce: `bash scripts/bench` (root; host packages from scripts/install-host-deps)."
+        "Reproduce: `bash scripts/bench` (root; host packages from scripts/install-host-deps);\n\
+         `bash scripts/bench --lab-only` measures only the 3-node lab."
     )?;
     writeln!(
         md,
@@ -161,13 +321,18 @@ fn main() -> Result<()> {
         now()
     )?;
     writeln!(md, "| measurement | value |\n|---|---|")?;
-    for r in &rows {
+    for r in &merged {
         writeln!(md, "| {} | {} |", r.what, r.value)?;
+    }
+    if !rest.trim().is_empty() {
+        writeln!(md, "{}", rest.trim_end())?;
     }
     if let Some(d) = out_md.parent() {
         std::fs::create_dir_all(d)?;
     }
-    std::fs::write(&out_md, &md)?;
+    let tmp = out_md.with_extension("md.tmp");
+    std::fs::write(&tmp, &md)?;
+    std::fs::rename(&tmp, out_md)?;
     print!("{md}");
     Ok(())
 }
@@ -184,4 +349,46 @@ fn now() -> String {
         .output();
     o.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_run_updates_its_rows_and_keeps_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("results.md");
+        std::fs::write(
+            &p,
+            "# clutch benchmarks\n\nMachine: old.\n\n| measurement | value |\n|---|---|\n\
+             | warm build | 15.1 s |\n| lab: formation | 400 s |\n\n## Measured elsewhere\n\n| a | b |\n",
+        )
+        .unwrap();
+        let row = |w: &str, v: &str| Row {
+            what: w.into(),
+            value: v.into(),
+        };
+        write_results(
+            &p,
+            vec![row("lab: formation", "380 s"), row("lab node0: cpu", "9 s")],
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(&p).unwrap();
+        let (rows, rest) = existing_results(&md);
+        let got: Vec<(String, String)> = rows.into_iter().map(|r| (r.what, r.value)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("warm build".into(), "15.1 s".into()),
+                ("lab: formation".into(), "380 s".into()),
+                ("lab node0: cpu".into(), "9 s".into()),
+            ]
+        );
+        assert!(
+            rest.contains("## Measured elsewhere\n\n| a | b |"),
+            "{rest}"
+        );
+        assert!(!md.contains("Machine: old."));
+    }
 }
