@@ -379,6 +379,9 @@ pub struct FirstbootUsage {
     pub vm_hwm_kib: Option<u64>,
     /// Its resident set now (VmRSS, KiB).
     pub vm_rss_kib: Option<u64>,
+    /// The daemon's own CPU time (utime + stime of /proc/PID/stat, ns); the rest of
+    /// `cpu_nsec` is the programs it ran (etcdctl, systemctl, ...).
+    pub daemon_cpu_nsec: Option<u64>,
 }
 
 impl FirstbootUsage {
@@ -388,11 +391,16 @@ impl FirstbootUsage {
                 .find_map(|l| l.trim().strip_prefix(k))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         };
+        let daemon_cpu_nsec = match (get("DaemonTicks="), get("ClkTck=")) {
+            (Some(t), Some(hz)) if hz > 0 => Some(t * 1_000_000_000 / hz),
+            _ => None,
+        };
         FirstbootUsage {
             memory_peak: get("MemoryPeak="),
             cpu_nsec: get("CPUUsageNSec="),
             vm_hwm_kib: get("VmHWM:"),
             vm_rss_kib: get("VmRSS:"),
+            daemon_cpu_nsec,
         }
     }
 }
@@ -403,7 +411,9 @@ pub fn firstboot_usage(lab: &Lab, i: usize, timeout: Duration) -> Result<Firstbo
         i,
         "systemctl show clutch-firstboot -p MemoryPeak -p CPUUsageNSec -p MainPID; \
          pid=$(systemctl show clutch-firstboot -p MainPID --value); \
-         grep -E '^(VmHWM|VmRSS):' /proc/$pid/status || true",
+         grep -E '^(VmHWM|VmRSS):' /proc/$pid/status; \
+         echo ClkTck=$(getconf CLK_TCK); \
+         sed 's/.*) //' /proc/$pid/stat | awk '{print \"DaemonTicks=\" $12+$13}'; true",
         timeout,
     )?;
     Ok(FirstbootUsage::parse(&out))
@@ -436,8 +446,10 @@ mod tests {
     #[test]
     fn usage_parses_systemctl_and_proc() {
         let u = FirstbootUsage::parse(
-            "MainPID=310\nMemoryPeak=6270976\nCPUUsageNSec=7410000000\nVmHWM:\t    5120 kB\nVmRSS:\t    4000 kB\n",
+            "MainPID=310\nMemoryPeak=6270976\nCPUUsageNSec=7410000000\nVmHWM:\t    5120 kB\nVmRSS:\t    4000 kB\n\
+             ClkTck=100\nDaemonTicks=250\n",
         );
+        assert_eq!(u.daemon_cpu_nsec, Some(2_500_000_000));
         assert_eq!(u.memory_peak, Some(6270976));
         assert_eq!(u.cpu_nsec, Some(7_410_000_000));
         assert_eq!(u.vm_hwm_kib, Some(5120));

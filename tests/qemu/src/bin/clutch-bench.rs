@@ -210,6 +210,7 @@ fn lab_run(row: &mut dyn FnMut(&str, String)) -> Result<()> {
             .map(|d| d.as_secs_f64())
     };
     let mut joins = Vec::new();
+    let mut usage = Vec::new();
     for (i, n) in lab.nodes.iter().enumerate() {
         let role = field(&w.last[&i].line, "role").unwrap_or_default();
         let host = field(&w.last[&i].line, "host").unwrap_or_default();
@@ -228,18 +229,20 @@ fn lab_run(row: &mut dyn FnMut(&str, String)) -> Result<()> {
             joins.push(b - a);
         }
         let u = firstboot_usage(&lab, i, Duration::from_secs(180))?;
-        let what = format!("lab {} ({role}): clutch-firstboot", n.name);
-        let mut parts = Vec::new();
-        if let Some(p) = u.memory_peak {
-            parts.push(format!("MemoryPeak {}", mib(p)));
-        }
-        if let Some(h) = u.vm_hwm_kib {
-            parts.push(format!("VmHWM {:.1} MiB", h as f64 / 1024.0));
-        }
-        if let Some(c) = u.cpu_nsec {
-            parts.push(format!("CPU {:.2} s", c as f64 / 1e9));
-        }
-        row(&what, parts.join(", "));
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        usage.push((
+            format!(
+                "lab {} ({role}): clutch-firstboot memory peak, unit cgroup / daemon VmHWM; CPU time, unit / daemon",
+                n.name
+            ),
+            format!(
+                "{} / {}; {} / {}",
+                opt(u.memory_peak.map(mib)),
+                opt(u.vm_hwm_kib.map(|h| format!("{:.1} MiB", h as f64 / 1024.0))),
+                opt(u.cpu_nsec.map(|c| format!("{:.1} s", c as f64 / 1e9))),
+                opt(u.daemon_cpu_nsec.map(|c| format!("{:.1} s", c as f64 / 1e9))),
+            ),
+        ));
     }
     if !joins.is_empty() {
         let v: Vec<String> = joins.iter().map(|j| format!("{j:.0} s")).collect();
@@ -256,6 +259,9 @@ fn lab_run(row: &mut dyn FnMut(&str, String)) -> Result<()> {
             "lab: power-on to the last node's first phase line (boot, TCG)",
             format!("{last:.0} s"),
         );
+    }
+    for (what, value) in usage {
+        row(&what, value);
     }
     drop(lab);
     Ok(())
@@ -292,20 +298,23 @@ fn existing_results(text: &str) -> (Vec<Row>, String) {
 fn write_results(out_md: &Path, rows: Vec<Row>) -> Result<()> {
     let old = std::fs::read_to_string(out_md).unwrap_or_default();
     let (old_rows, rest) = existing_results(&old);
-    let mut merged: Vec<Row> = Vec::new();
-    for o in old_rows {
-        match rows.iter().find(|r| r.what == o.what) {
-            Some(r) => merged.push(Row {
-                what: r.what.clone(),
-                value: r.value.clone(),
-            }),
-            None => merged.push(o),
-        }
-    }
+    // The old table with this run's values; a row new to it goes right after the row this
+    // run measured before it (or first).
+    let mut merged: Vec<Row> = old_rows;
+    let mut after: Option<usize> = None;
     for r in rows {
-        if !merged.iter().any(|m| m.what == r.what) {
-            merged.push(r);
-        }
+        let at = match merged.iter().position(|m| m.what == r.what) {
+            Some(i) => {
+                merged[i].value = r.value;
+                i
+            }
+            None => {
+                let i = after.map_or(0, |a| a + 1);
+                merged.insert(i, r);
+                i
+            }
+        };
+        after = Some(at);
     }
     let mut md = String::new();
     writeln!(md, "# clutch benchmarks\n")?;
@@ -371,7 +380,11 @@ mod tests {
         };
         write_results(
             &p,
-            vec![row("lab: formation", "380 s"), row("lab node0: cpu", "9 s")],
+            vec![
+                row("cold build", "80 s"),
+                row("lab: formation", "380 s"),
+                row("lab node0: cpu", "9 s"),
+            ],
         )
         .unwrap();
         let md = std::fs::read_to_string(&p).unwrap();
@@ -380,6 +393,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
+                ("cold build".into(), "80 s".into()),
                 ("warm build".into(), "15.1 s".into()),
                 ("lab: formation".into(), "380 s".into()),
                 ("lab node0: cpu".into(), "9 s".into()),
