@@ -54,34 +54,47 @@ fn config_name(p: &Path) -> String {
 /// The `clutch-firstboot` binary for the board's architecture: `--firstboot-bin`, else the
 /// one next to `clutch` when it is for the board's architecture, else (another architecture)
 /// cross-built from the clutch source tree in the data folder (see `cross`).
+/// Where the image's clutch-firstboot comes from.
+enum FirstbootSource {
+    /// A binary that is already there (`--firstboot-bin`, or next to `clutch`).
+    Ready(PathBuf),
+    /// To be cross-built for a foreign board from this source tree (cached by source hash).
+    Cross,
+}
+
 fn find_firstboot(
     explicit: Option<&Path>,
     board: &Board,
     data_dir: &Path,
-    cache: &Path,
-    mirror: &str,
-) -> Result<PathBuf> {
+) -> Result<FirstbootSource> {
     if let Some(p) = explicit {
         check_firstboot(p, board)?;
-        return Ok(p.to_path_buf());
+        return Ok(FirstbootSource::Ready(p.to_path_buf()));
     }
     let exe = std::env::current_exe().context("locating the clutch binary")?;
     let next_to_us = exe.with_file_name("clutch-firstboot");
     if board.arch != crate::cross::host_arch() && crate::cross::is_source_tree(data_dir) {
         if next_to_us.is_file() && check_firstboot(&next_to_us, board).is_ok() {
-            return Ok(next_to_us);
+            return Ok(FirstbootSource::Ready(next_to_us));
         }
-        return crate::cross::ensure_firstboot(cache, data_dir, &board.arch, mirror).with_context(
-            || {
-                format!(
-                    "no {} clutch-firstboot (or pass --firstboot-bin)",
-                    board.arch
-                )
-            },
-        );
+        return Ok(FirstbootSource::Cross);
     }
     check_firstboot(&next_to_us, board)?;
-    Ok(next_to_us)
+    Ok(FirstbootSource::Ready(next_to_us))
+}
+
+fn cross_build_firstboot(
+    board: &Board,
+    data_dir: &Path,
+    cache: &Path,
+    mirror: &str,
+) -> Result<PathBuf> {
+    crate::cross::ensure_firstboot(cache, data_dir, &board.arch, mirror).with_context(|| {
+        format!(
+            "no {} clutch-firstboot (or pass --firstboot-bin)",
+            board.arch
+        )
+    })
 }
 
 /// Fails unless `p` is a Linux ELF binary for the board's architecture.
@@ -213,13 +226,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let _out_guard = (!out.exists()).then(|| EmptyDirGuard(out.clone()));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let firstboot = find_firstboot(
-        opts.firstboot_bin.as_deref(),
-        &board,
-        &data.0,
-        &cache,
-        cfg.mirror(),
-    )?;
+    let firstboot_source = find_firstboot(opts.firstboot_bin.as_deref(), &board, &data.0)?;
 
     // Everything that shapes the image seeds its identifiers.
     let board_text = std::fs::read_to_string(data.board_path(cfg.board.as_str()))?;
@@ -235,11 +242,28 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         spec.arch,
         spec.packages.len()
     ));
-    let (tar, cached) = rootfs::ensure(&cache, &spec)?;
-    p.done(if cached {
-        "reused from the cache"
-    } else {
-        "built with mmdebstrap"
+    // A foreign board's clutch-firstboot is cross-built (natively, on every core) while the
+    // root filesystem is made under emulation (one core, mostly): together they take as long
+    // as the longer of the two.
+    let (firstboot, rootfs) = std::thread::scope(|s| {
+        let firstboot = s.spawn(|| match &firstboot_source {
+            FirstbootSource::Ready(p) => Ok(p.clone()),
+            FirstbootSource::Cross => cross_build_firstboot(&board, &data.0, &cache, cfg.mirror()),
+        });
+        let rootfs = rootfs::ensure(&cache, &spec);
+        let firstboot = firstboot
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the clutch-firstboot cross-build panicked")));
+        (firstboot, rootfs)
+    });
+    let (tar, cached) = rootfs?;
+    let firstboot = firstboot?;
+    let crossed = matches!(firstboot_source, FirstbootSource::Cross);
+    p.done(match (cached, crossed) {
+        (true, false) => "reused from the cache",
+        (true, true) => "reused from the cache; clutch-firstboot cross-built",
+        (false, false) => "built with mmdebstrap",
+        (false, true) => "built with mmdebstrap, clutch-firstboot cross-built alongside",
     });
 
     p.stage("staging the image tree");
