@@ -29,17 +29,6 @@ const FAKE_ID: &str = "0000-leader";
 /// One lab at a time: the flood's timings mean something only on an otherwise idle lab.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn root_or_skip() -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("netns tests need root in CI");
-    }
-    eprintln!("SKIPPED: netns test needs root (ip netns); run as root to exercise it");
-    false
-}
-
 fn opts() -> NodeOpts<'static> {
     NodeOpts {
         cluster: "lab",
@@ -380,7 +369,7 @@ fn ids_of(v: &Value) -> Vec<String> {
 
 #[test]
 fn fake_leader_on_mdns_diverts_nothing_and_learns_nothing() {
-    if !root_or_skip() {
+    if !need_root() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -599,7 +588,7 @@ fn flood(target: SocketAddr, cid: String, total: usize, spread: Duration) -> Flo
 
 #[test]
 fn connection_flood_does_not_stop_formation_or_exhaust_the_node() {
-    if !root_or_skip() {
+    if !need_root() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

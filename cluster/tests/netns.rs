@@ -9,17 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn need_root() -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("netns tests need root in CI");
-    }
-    eprintln!("SKIPPED: netns test needs root (ip netns); run as root to exercise it");
-    false
-}
-
 fn opts<'a>(engine: &'a str, expected: u32, servers: u32) -> NodeOpts<'a> {
     NodeOpts {
         cluster: "lab",

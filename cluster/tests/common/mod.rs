@@ -30,6 +30,19 @@ pub fn is_root() -> bool {
     sh(&["id", "-u"]).trim() == "0"
 }
 
+/// Whether a netns test can run: root is needed (`ip netns`). Without it the test fails
+/// under CI=true and is skipped, loudly, otherwise.
+pub fn need_root() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("netns tests need root in CI");
+    }
+    eprintln!("SKIPPED: netns test needs root (ip netns); run as root to exercise it");
+    false
+}
+
 /// The helper binary (src/bin/clutch-cluster-node.rs).
 pub fn helper() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_clutch-cluster-node"))

@@ -519,3 +519,25 @@ pub fn ssh(port: u16, cmd: &str, timeout: Duration) -> Result<String> {
         std::thread::sleep(Duration::from_secs(3));
     }
 }
+
+/// `KEY=VALUE` lines (what the tests' guest scripts print) as a map.
+pub fn kv(out: &str) -> std::collections::BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The value of `k` in a [`kv`] map; panics (showing the map) when the guest did not say.
+pub fn kv_get<'a>(m: &'a std::collections::BTreeMap<String, String>, k: &str) -> &'a str {
+    m.get(k)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("guest did not report `{k}`: {m:#?}"))
+}
+
+/// [`kv_get`] as a number.
+pub fn kv_num(m: &std::collections::BTreeMap<String, String>, k: &str) -> u64 {
+    kv_get(m, k)
+        .parse()
+        .unwrap_or_else(|_| panic!("`{k}` is not a number: {m:#?}"))
+}

@@ -8,7 +8,6 @@
 //!
 //! One image build and three boots in all (TCG: each boot costs a minute or more).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -62,26 +61,6 @@ fn fat(img: &Path) -> String {
 /// `clutch.toml` as it is on the image's FAT partition.
 fn fat_clutch_toml(img: &Path) -> String {
     mtools(&["mtype", "-i", &fat(img), "::/clutch.toml"])
-}
-
-/// `KEY=VALUE` lines (what the guest scripts print) as a map.
-fn kv(out: &str) -> BTreeMap<String, String> {
-    out.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
-    m.get(k)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("guest did not report `{k}`: {m:#?}"))
-}
-
-fn num(m: &BTreeMap<String, String>, k: &str) -> u64 {
-    get(m, k)
-        .parse()
-        .unwrap_or_else(|_| panic!("`{k}` is not a number: {m:#?}"))
 }
 
 fn is_node_hostname(h: &str) -> bool {
@@ -188,47 +167,47 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
 
     let facts = kv(&ssh(port, NODE_FACTS, SSH).unwrap());
     eprintln!("first boot, guest facts: {facts:#?}");
-    let host = get(&facts, "hostname").to_string();
+    let host = kv_get(&facts, "hostname").to_string();
     assert!(
         is_node_hostname(&host),
         "hostname `{host}` is not node-XXXXXX"
     );
-    assert_eq!(get(&facts, "etc_hostname"), host);
-    let node_id = get(&facts, "node_id").to_string();
+    assert_eq!(kv_get(&facts, "etc_hostname"), host);
+    let node_id = kv_get(&facts, "node_id").to_string();
     assert!(
         node_id.starts_with(&host[5..]),
         "{host} is not from node id {node_id}"
     );
-    assert_eq!(get(&facts, "machine_id").len(), 32);
-    assert_ne!(get(&facts, "machine_id"), node_id);
+    assert_eq!(kv_get(&facts, "machine_id").len(), 32);
+    assert_ne!(kv_get(&facts, "machine_id"), node_id);
     assert_eq!(
-        get(&facts, "host_keys"),
+        kv_get(&facts, "host_keys"),
         "3",
         "ssh host keys made at first boot"
     );
-    assert_eq!(get(&facts, "data0_is_block"), "yes");
-    assert!(get(&facts, "data0_target").starts_with("/dev/loop"));
-    assert_eq!(num(&facts, "data0_bytes"), 2 * GIB);
+    assert_eq!(kv_get(&facts, "data0_is_block"), "yes");
+    assert!(kv_get(&facts, "data0_target").starts_with("/dev/loop"));
+    assert_eq!(kv_num(&facts, "data0_bytes"), 2 * GIB);
     assert_eq!(
-        get(&facts, "data0_backing"),
+        kv_get(&facts, "data0_backing"),
         "/var/lib/clutch/storage/data0.img"
     );
     // Root grown: the partition reaches the (1 MiB aligned) end of the 6 GiB disk, minus
     // the ESP and the GPT backup; the ext4 file system fills the partition.
-    let disk_bytes = num(&facts, "disk_bytes");
+    let disk_bytes = kv_num(&facts, "disk_bytes");
     assert_eq!(disk_bytes, 6 * GIB);
-    let part = num(&facts, "root_part_bytes");
+    let part = kv_num(&facts, "root_part_bytes");
     assert!(
         part >= disk_bytes - (258 << 20) - (1 << 20),
         "root partition not grown: {part} bytes on a {disk_bytes}-byte disk"
     );
     assert_eq!(
-        num(&facts, "root_fs_bytes"),
+        kv_num(&facts, "root_fs_bytes"),
         part,
         "ext4 not grown to the partition"
     );
-    assert!(num(&facts, "df_bytes") > 5 * GIB, "df / is too small");
-    assert_eq!(get(&facts, "phase"), "ready");
+    assert!(kv_num(&facts, "df_bytes") > 5 * GIB, "df / is too small");
+    assert_eq!(kv_get(&facts, "phase"), "ready");
 
     // Secrets: nowhere on the FAT partition, in /var/lib/clutch with mode 0600.
     let secrets = kv(&ssh(
@@ -248,31 +227,31 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     .unwrap());
     eprintln!(
         "first boot, secrets: fat_psk_lines={} fat_files_with_key={} stored_mode={} wpa_mode={}",
-        get(&secrets, "fat_psk_lines"),
-        get(&secrets, "fat_files_with_key"),
-        get(&secrets, "stored_mode"),
-        get(&secrets, "wpa_mode")
+        kv_get(&secrets, "fat_psk_lines"),
+        kv_get(&secrets, "fat_files_with_key"),
+        kv_get(&secrets, "stored_mode"),
+        kv_get(&secrets, "wpa_mode")
     );
     assert_eq!(
-        get(&secrets, "fat_psk_lines"),
+        kv_get(&secrets, "fat_psk_lines"),
         "0",
         "psk left in clutch.toml"
     );
     assert_eq!(
-        get(&secrets, "fat_files_with_key"),
+        kv_get(&secrets, "fat_files_with_key"),
         "0",
         "WPA key left on the FAT partition"
     );
     assert_eq!(
-        get(&secrets, "fat_ssid"),
+        kv_get(&secrets, "fat_ssid"),
         "1",
         "the rest of clutch.toml was kept"
     );
-    assert_eq!(get(&secrets, "stored_psk"), psk_hex);
-    assert_eq!(get(&secrets, "stored_mode"), "600");
-    assert_eq!(get(&secrets, "state_dir_mode"), "700");
-    assert_eq!(get(&secrets, "wpa_mode"), "600");
-    assert_eq!(get(&secrets, "wpa_has_key"), "1");
+    assert_eq!(kv_get(&secrets, "stored_psk"), psk_hex);
+    assert_eq!(kv_get(&secrets, "stored_mode"), "600");
+    assert_eq!(kv_get(&secrets, "state_dir_mode"), "700");
+    assert_eq!(kv_get(&secrets, "wpa_mode"), "600");
+    assert_eq!(kv_get(&secrets, "wpa_has_key"), "1");
 
     // Measurements for the issue note (not asserted: TCG timing varies a lot).
     let m = kv(&ssh(
@@ -321,12 +300,16 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     );
     let again = kv(&ssh(port, NODE_FACTS, SSH).unwrap());
     for k in ["hostname", "node_id", "machine_id", "data0_backing"] {
-        assert_eq!(get(&again, k), get(&facts, k), "{k} changed after a reboot");
+        assert_eq!(
+            kv_get(&again, k),
+            kv_get(&facts, k),
+            "{k} changed after a reboot"
+        );
     }
-    assert_eq!(get(&again, "data0_is_block"), "yes");
-    assert_eq!(num(&again, "data0_bytes"), 2 * GIB);
-    assert_eq!(num(&again, "root_part_bytes"), part);
-    assert_eq!(get(&again, "phase"), "ready");
+    assert_eq!(kv_get(&again, "data0_is_block"), "yes");
+    assert_eq!(kv_num(&again, "data0_bytes"), 2 * GIB);
+    assert_eq!(kv_num(&again, "root_part_bytes"), part);
+    assert_eq!(kv_get(&again, "phase"), "ready");
     let m2 = kv(&ssh(
         port,
         "systemctl show clutch-firstboot -p ExecMainStartTimestampMonotonic \

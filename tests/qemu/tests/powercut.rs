@@ -32,25 +32,6 @@ const DISK: &str = "6G";
 /// Bytes of the pattern written at the start of data0 (and 1 MiB at its end).
 const PATTERN_BYTES: u64 = 4 << 20;
 
-fn kv(out: &str) -> BTreeMap<String, String> {
-    out.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
-    m.get(k)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("guest did not report `{k}`: {m:#?}"))
-}
-
-fn num(m: &BTreeMap<String, String>, k: &str) -> u64 {
-    get(m, k)
-        .parse()
-        .unwrap_or_else(|_| panic!("`{k}` is not a number: {m:#?}"))
-}
-
 fn fail_with_console(vm: &Vm, what: &str) -> ! {
     panic!(
         "{what}\n----- console of {} ({}) -----\n{}\n----- end of console -----",
@@ -221,17 +202,17 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
     let (vm, port) = ready_boot(4, &mut boots);
     let before = node_facts(port);
     eprintln!("boot 4, guest facts: {before:#?}");
-    assert_eq!(get(&before, "hostname"), host);
-    let node_id = get(&before, "node_id").to_string();
+    assert_eq!(kv_get(&before, "hostname"), host);
+    let node_id = kv_get(&before, "node_id").to_string();
     assert!(
         node_id.len() == 32 && node_id.starts_with(&host[5..]),
         "host {host} is not made from node id {node_id}"
     );
-    assert_eq!(get(&before, "status_node_id"), node_id);
-    assert_eq!(get(&before, "phase"), "ready");
-    assert_eq!(get(&before, "unit_result"), "success");
-    assert!(get(&before, "data0_target").starts_with("/dev/loop"));
-    assert_eq!(num(&before, "data0_bytes"), 2 * GIB);
+    assert_eq!(kv_get(&before, "status_node_id"), node_id);
+    assert_eq!(kv_get(&before, "phase"), "ready");
+    assert_eq!(kv_get(&before, "unit_result"), "success");
+    assert!(kv_get(&before, "data0_target").starts_with("/dev/loop"));
+    assert_eq!(kv_num(&before, "data0_bytes"), 2 * GIB);
 
     // A pattern only this node writes, at the start and at the end of the device, synced.
     let wrote = kv(&ssh(
@@ -250,8 +231,8 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
     )
     .unwrap());
     assert_eq!(
-        get(&wrote, "read_head"),
-        get(&wrote, "head"),
+        kv_get(&wrote, "read_head"),
+        kv_get(&wrote, "head"),
         "pattern not on data0"
     );
     drop(vm); // power cut while idle (the data was synced)
@@ -271,38 +252,38 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
         "host_key",
         "data0_backing",
     ] {
-        assert_eq!(get(&after, k), get(&before, k), "{k} changed");
+        assert_eq!(kv_get(&after, k), kv_get(&before, k), "{k} changed");
     }
-    assert_eq!(get(&after, "status_node_id"), node_id);
-    assert_eq!(get(&after, "phase"), "ready");
-    assert_eq!(get(&after, "unit_result"), "success");
-    assert_eq!(num(&after, "data0_bytes"), 2 * GIB);
+    assert_eq!(kv_get(&after, "status_node_id"), node_id);
+    assert_eq!(kv_get(&after, "phase"), "ready");
+    assert_eq!(kv_get(&after, "unit_result"), "success");
+    assert_eq!(kv_num(&after, "data0_bytes"), 2 * GIB);
     assert_eq!(
-        get(&after, "data0_head"),
-        get(&wrote, "head"),
+        kv_get(&after, "data0_head"),
+        kv_get(&wrote, "head"),
         "data0's first {PATTERN_BYTES} bytes changed"
     );
     assert_eq!(
-        get(&after, "data0_tail"),
-        get(&wrote, "tail"),
+        kv_get(&after, "data0_tail"),
+        kv_get(&wrote, "tail"),
         "data0's last MiB changed"
     );
     // Root grown through the cut between partition and file system: the partition reaches
     // the (1 MiB aligned) end of the disk, the file system fills the partition.
-    let disk_bytes = num(&after, "disk_bytes");
+    let disk_bytes = kv_num(&after, "disk_bytes");
     assert_eq!(disk_bytes, 6 * GIB);
-    let start = num(&after, "root_start_bytes");
-    let part = num(&after, "root_part_bytes");
+    let start = kv_num(&after, "root_start_bytes");
+    let part = kv_num(&after, "root_part_bytes");
     assert!(
         start + part >= disk_bytes - (2 << 20),
         "root partition not grown: {start}+{part} on a {disk_bytes}-byte disk"
     );
     assert_eq!(
-        num(&after, "root_fs_bytes"),
+        kv_num(&after, "root_fs_bytes"),
         part,
         "ext4 not grown to the partition"
     );
-    assert_eq!(get(&after, "grow_done"), "yes");
+    assert_eq!(kv_get(&after, "grow_done"), "yes");
 
     // ---- a last cut while the node runs, then on the host: the root file system replays its
     // journal and is consistent.
