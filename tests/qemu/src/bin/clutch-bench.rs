@@ -1,12 +1,17 @@
 //! `scripts/bench`: measures what issue 8 asks for and writes a Markdown table.
 //!
 //!   clutch-bench [--out bench/results.md] [--no-cold] [--no-lab] [--lab-only]
+//!                [--no-arm64] [--arm64-only] [--arm64-cold]
 //!
 //! - cold build: a fresh, empty cache (root filesystem from mmdebstrap)
 //! - warm build: the same cache, `[user]` changed
 //! - image sizes: raw apparent and on disk, qcow2, zst
 //! - first boot under QEMU/TCG (SeaBIOS): power-on to `clutch: phase=ready` and to `login:`;
 //!   firstboot's peak memory and CPU time from systemd's accounting
+//! - the Raspberry Pi boards (arm64, built under emulation): warm builds of rpi4 and rpi3
+//!   (which share one root filesystem) and the rpi4 image sizes; with `--arm64-cold` also a
+//!   cold rpi4 build from an empty cache (root filesystem under qemu-user, the aarch64
+//!   clutch-firstboot cross-built alongside; about a quarter of an hour)
 //! - the 3-node etcd lab (`clutch lab up`, image-configs/amd64-lab.toml): the last VM's
 //!   power-on to `phase=ready` on all three, each node's phase times, and per node
 //!   clutch-firstboot's peak memory (cgroup MemoryPeak and the daemon's VmHWM) and CPU time
@@ -30,11 +35,20 @@ struct Row {
 }
 
 fn build(config: &Path, cache: &Path, formats: &str) -> Result<(PathBuf, f64)> {
+    build_with(config, cache, formats, Some(&bin("clutch-firstboot")))
+}
+
+/// `firstboot`: `None` lets clutch cross-build it (foreign boards).
+fn build_with(
+    config: &Path,
+    cache: &Path,
+    formats: &str,
+    firstboot: Option<&Path>,
+) -> Result<(PathBuf, f64)> {
     let out = artifacts().join("bench").join(config.file_stem().unwrap());
     let _ = std::fs::remove_dir_all(&out);
     let t = Instant::now();
-    let o =
-        build_command_in(cache, config, &out, formats, Some(&bin("clutch-firstboot"))).output()?;
+    let o = build_command_in(cache, config, &out, formats, firstboot).output()?;
     if !o.status.success() {
         bail!("build failed: {}", String::from_utf8_lossy(&o.stderr));
     }
@@ -61,8 +75,10 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| workspace().join("bench/results.md"));
     let flag = |f: &str| args.iter().any(|a| a == f);
     let lab_only = flag("--lab-only");
-    let cold = !flag("--no-cold") && !lab_only;
-    let with_lab = !flag("--no-lab");
+    let arm64_only = flag("--arm64-only");
+    let cold = !flag("--no-cold") && !lab_only && !arm64_only;
+    let with_lab = !flag("--no-lab") && !arm64_only;
+    let with_arm64 = !flag("--no-arm64") && !lab_only;
     let mut rows = Vec::new();
     let mut row = |what: &str, value: String| {
         eprintln!("bench: {what}: {value}");
@@ -71,13 +87,54 @@ fn main() -> Result<()> {
             value,
         });
     };
-    if !lab_only {
+    if !lab_only && !arm64_only {
         single_vm(cold, &mut row)?;
+    }
+    if with_arm64 {
+        arm64(flag("--arm64-cold"), &mut row)?;
     }
     if with_lab {
         lab_run(&mut row)?;
     }
     write_results(&out_md, rows)
+}
+
+/// Builds the Raspberry Pi images (arm64 root filesystem under emulation).
+fn arm64(cold: bool, row: &mut dyn FnMut(&str, String)) -> Result<()> {
+    let rpi4 = test_config("rpi4", "bench-rpi4", |t| t);
+    if cold {
+        let fresh = tempfile::tempdir_in(artifacts())?;
+        let (_, secs) = build_with(&rpi4, fresh.path(), "raw,zst", None)?;
+        row(
+            "rpi4 cold build (empty cache: arm64 rootfs under qemu-user, firstboot cross-built alongside; raw+zst)",
+            format!("{:.1} min", secs / 60.0),
+        );
+    }
+    let cache = cache_dir();
+    build_with(&rpi4, &cache, "raw,zst", None)?; // make sure the shared cache is warm
+    let rpi4_user = test_config("rpi4", "bench-rpi4-user", |t| {
+        t.replace("name = \"admin\"", "name = \"bench\"")
+    });
+    let (img, warm) = build_with(&rpi4_user, &cache, "raw,zst", None)?;
+    row(
+        "rpi4 warm build ([user] changed, raw+zst)",
+        format!("{warm:.1} s"),
+    );
+    let m = std::fs::metadata(&img)?;
+    row("rpi4 raw image, apparent size", mib(m.len()));
+    row("rpi4 raw image, allocated on disk", mib(m.blocks() * 512));
+    if let Ok(z) = std::fs::metadata(img.with_extension("img.zst")) {
+        row("rpi4 zst image", mib(z.len()));
+    }
+    let rpi3 = test_config("rpi4", "bench-rpi3", |t| {
+        t.replace("board = \"rpi4\"", "board = \"rpi3\"")
+    });
+    let (_, warm3) = build_with(&rpi3, &cache, "raw,zst", None)?;
+    row(
+        "rpi3 warm build (shares rpi4's root filesystem; raw+zst)",
+        format!("{warm3:.1} s"),
+    );
+    Ok(())
 }
 
 /// Builds and boots the single-VM image (amd64-vm).
@@ -321,7 +378,8 @@ fn write_results(out_md: &Path, rows: Vec<Row>) -> Result<()> {
     writeln!(
         md,
         "Reproduce: `bash scripts/bench` (root; host packages from scripts/install-host-deps);\n\
-         `bash scripts/bench --lab-only` measures only the 3-node lab."
+         `--lab-only` measures only the 3-node lab, `--arm64-only` only the Raspberry Pi boards\n\
+         (`--arm64-cold` adds a cold rpi4 build, about a quarter of an hour)."
     )?;
     writeln!(
         md,
