@@ -51,9 +51,6 @@ fn config_name(p: &Path) -> String {
         .unwrap_or_else(|| "image".into())
 }
 
-/// The `clutch-firstboot` binary for the board's architecture: `--firstboot-bin`, else the
-/// one next to `clutch` when it is for the board's architecture, else (another architecture)
-/// cross-built from the clutch source tree in the data folder (see `cross`).
 /// Where the image's clutch-firstboot comes from.
 enum FirstbootSource {
     /// A binary that is already there (`--firstboot-bin`, or next to `clutch`).
@@ -62,6 +59,10 @@ enum FirstbootSource {
     Cross,
 }
 
+/// The `clutch-firstboot` binary for the board's architecture: `--firstboot-bin`, else the
+/// one next to `clutch` when it is for the board's architecture, else (another architecture)
+/// cross-built from the clutch source tree in the data folder (see `cross`). Only the checks
+/// happen here, so a wrong binary fails the build at once; the cross-build runs later.
 fn find_firstboot(
     explicit: Option<&Path>,
     board: &Board,
