@@ -111,11 +111,19 @@ pub fn foreign_tools(qemu: &'static str) -> Vec<Tool> {
     ]
 }
 
-/// Advice about tools that are present but hurt (a slow QEMU for foreign builds).
+/// Advice about the host that makes foreign builds slow (an old QEMU, no patchelf).
 pub fn warnings() -> Vec<String> {
-    crate::foreign::slow_qemu_hint("aarch64")
+    let mut v: Vec<String> = crate::foreign::slow_qemu_hint("aarch64")
         .into_iter()
-        .collect()
+        .collect();
+    if !find_in_path("patchelf") {
+        v.push(
+            "patchelf (package patchelf) is missing: a foreign-architecture initramfs then \
+             copies its kernel modules with the emulated cp, taking about twice the CPU time"
+                .into(),
+        );
+    }
+    v
 }
 
 /// Every tool any build may need (what `clutch doctor` lists).
