@@ -75,10 +75,12 @@ fn engine_setup(root: &Path, engine: clutch_config::schema::Engine) -> Result<()
     Ok(())
 }
 
+/// Writes `content` to `rel` inside `root`, following links in the path inside `root` (an
+/// absolute link in the image must not lead out to the host's files).
 fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<()> {
-    let p = root.join(rel.trim_start_matches('/'));
+    let p = resolve_in_root(root, rel)?;
     if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d)?;
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     std::fs::write(&p, content).with_context(|| format!("writing {}", p.display()))?;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
@@ -93,13 +95,8 @@ fn write_root_templates(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
     }
     let vars = crate::build::TemplateVars::new(inp.cfg, inp.board, &inp.root_partuuid);
     for t in &inp.board.root.templates {
-        let p = resolve_in_root(root, &t.path)?;
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        std::fs::write(&p, vars.render(&t.content))
-            .with_context(|| format!("writing {} (root.templates)", t.path))?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+        write(root, &t.path, &vars.render(&t.content), 0o644)
+            .with_context(|| format!("root.templates: {}", t.path))?;
     }
     Ok(())
 }
