@@ -100,6 +100,11 @@ fn mdir(img: &Path, off: u64) -> String {
         .arg("::/"))
 }
 
+/// A debugfs request (`cat /etc/fstab`, `ls /usr/lib/firmware/brcm`) on an ext4 image.
+fn debugfs(fs: &Path, request: &str) -> String {
+    run(Command::new("debugfs").args(["-R", request]).arg(fs))
+}
+
 fn extract(img: &Path, start: u64, size: u64, to: &Path) {
     run(Command::new("dd")
         .arg(format!("if={}", img.display()))
@@ -202,32 +207,22 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
     run(Command::new("fsck.vfat").arg("-n").arg(&boot));
     run(Command::new("e2fsck").arg("-fn").arg(&root));
     // Wifi ([wifi] is set in the config): the Pi 4's brcmfmac firmware is in the root.
-    let brcm = run(Command::new("debugfs")
-        .args(["-R", "ls /usr/lib/firmware/brcm"])
-        .arg(&root));
+    let brcm = debugfs(&root, "ls /usr/lib/firmware/brcm");
     assert!(brcm.contains("brcmfmac43455-sdio.bin"), "{brcm}");
-    let cypress = run(Command::new("debugfs")
-        .args(["-R", "ls /usr/lib/firmware/cypress"])
-        .arg(&root));
+    let cypress = debugfs(&root, "ls /usr/lib/firmware/cypress");
     assert!(cypress.contains("cyfmac43455-sdio.bin"), "{cypress}");
-    let fstab = run(Command::new("debugfs")
-        .args(["-R", "cat /etc/fstab"])
-        .arg(&root));
+    let fstab = debugfs(&root, "cat /etc/fstab");
     assert!(
         fstab.contains(&format!("PARTUUID={}-01  /boot/firmware  vfat", t.id)),
         "{fstab}"
     );
     // Debian's raspi-firmware hook rewrites cmdline.txt on kernel upgrades from these.
-    let fw = run(Command::new("debugfs")
-        .args(["-R", "cat /etc/default/raspi-firmware"])
-        .arg(&root));
+    let fw = debugfs(&root, "cat /etc/default/raspi-firmware");
     assert!(
         fw.contains(&format!("ROOTPART=\"PARTUUID={}-02\"", t.id)),
         "{fw}"
     );
-    let extra = run(Command::new("debugfs")
-        .args(["-R", "cat /etc/default/raspi-extra-cmdline"])
-        .arg(&root));
+    let extra = debugfs(&root, "cat /etc/default/raspi-extra-cmdline");
     assert!(
         extra.contains("cgroup_enable=memory cgroup_memory=1"),
         "{extra}"

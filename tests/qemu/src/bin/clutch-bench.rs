@@ -99,6 +99,15 @@ fn main() -> Result<()> {
     write_results(&out_md, rows)
 }
 
+/// The image config `base` with its `[user]` renamed: what a warm build changes.
+fn user_changed(base: &str, name: &str) -> PathBuf {
+    test_config(base, name, |t| {
+        let edited = t.replace("name = \"admin\"", "name = \"bench\"");
+        assert_ne!(edited, t, "image-configs/{base}.toml has no user `admin`");
+        edited
+    })
+}
+
 /// Builds the Raspberry Pi images (arm64 root filesystem under emulation).
 fn arm64(cold: bool, row: &mut dyn FnMut(&str, String)) -> Result<()> {
     let rpi4 = test_config("rpi4", "bench-rpi4", |t| t);
@@ -112,9 +121,7 @@ fn arm64(cold: bool, row: &mut dyn FnMut(&str, String)) -> Result<()> {
     }
     let cache = cache_dir();
     build_with(&rpi4, &cache, "raw,zst", None)?; // make sure the shared cache is warm
-    let rpi4_user = test_config("rpi4", "bench-rpi4-user", |t| {
-        t.replace("name = \"admin\"", "name = \"bench\"")
-    });
+    let rpi4_user = user_changed("rpi4", "bench-rpi4-user");
     let (img, warm) = build_with(&rpi4_user, &cache, "raw,zst", None)?;
     row(
         "rpi4 warm build ([user] changed, raw+zst)",
@@ -150,9 +157,7 @@ fn single_vm(cold: bool, row: &mut dyn FnMut(&str, String)) -> Result<()> {
     }
     let cache = cache_dir();
     build(&cfg, &cache, "raw")?; // make sure the shared cache is warm
-    let cfg2 = test_config("amd64-vm", "bench-vm-user", |t| {
-        t.replace("name = \"admin\"", "name = \"bench\"")
-    });
+    let cfg2 = user_changed("amd64-vm", "bench-vm-user");
     let (_, warm) = build(&cfg2, &cache, "raw,qcow2,zst")?;
     row(
         "amd64 warm build ([user] changed, raw+qcow2+zst)",
