@@ -220,11 +220,12 @@ chroot "$R" dpkg-divert --quiet --local --rename --divert /usr/sbin/update-initr
 N=/tmp/clutch-native
 native_cp() {
   command -v patchelf >/dev/null || return 1
-  loader=$(ldd /usr/bin/cp | awk '$1 ~ /^\/.*ld-linux/ {print $1}')
+  deps=$(ldd /usr/bin/cp)
+  loader=$(echo "$deps" | awk '$1 ~ /^\/.*ld-linux/ {print $1}')
   [ -n "$loader" ] || return 1
   mkdir -p "$R$N"
   cp /usr/bin/cp "$R$N/cp"
-  for lib in $(ldd /usr/bin/cp | awk '$2 == "=>" && $3 ~ /^\// {print $3}') "$loader"; do
+  for lib in $(echo "$deps" | awk '$2 == "=>" && $3 ~ /^\// {print $3}') "$loader"; do
     cp -L "$lib" "$R$N/"
   done
   patchelf --set-interpreter "$N/${loader##*/}" --force-rpath --set-rpath "$N" "$R$N/cp"
