@@ -412,6 +412,31 @@ impl Vm {
         self.wait_for_from(0, needle, timeout)
     }
 
+    /// Waits for the first `clutch: phase=` line that is not `configuring` (the phase this
+    /// boot of clutch-firstboot ends in, or waits in); returns the whole line.
+    pub fn final_phase_line(&mut self, timeout: Duration) -> Result<String> {
+        let mut from = 0;
+        loop {
+            let end = self.wait_for_from(from, "clutch: phase=", timeout)?;
+            let eol = self.wait_for_from(end, "\n", timeout)?;
+            let line = format!("clutch: phase={}", self.console()[end..eol].trim());
+            if !line.starts_with("clutch: phase=configuring") {
+                return Ok(line);
+            }
+            from = eol;
+        }
+    }
+
+    /// Fails the test with `what` and the whole console.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n----- console of {} ({}) -----\n{}\n----- end of console -----",
+            self.name,
+            self.log_path.display(),
+            self.console()
+        )
+    }
+
     /// Waits for the guest to power itself off (QEMU runs with `-no-reboot`, so a reboot
     /// inside the guest ends QEMU too). Fails with the console log when it does not.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {

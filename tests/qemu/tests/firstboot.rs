@@ -71,30 +71,13 @@ fn is_node_hostname(h: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Waits for the first `clutch: phase=` line that is not `configuring`; returns the line.
 fn final_phase_line(vm: &mut Vm) -> String {
-    let mut from = 0;
-    loop {
-        let end = vm.wait_for_from(from, "clutch: phase=", BOOT).unwrap();
-        // the rest of the line
-        let eol = vm.wait_for_from(end, "\n", BOOT).unwrap();
-        let con = vm.console();
-        let line = format!("clutch: phase={}", con[end..eol].trim());
-        if !line.starts_with("clutch: phase=configuring") {
-            return line;
-        }
-        from = eol;
-    }
+    vm.final_phase_line(BOOT).unwrap()
 }
 
 fn assert_with_console(vm: &Vm, ok: bool, what: &str) {
     if !ok {
-        panic!(
-            "{what}\n----- console of {} ({}) -----\n{}\n----- end of console -----",
-            vm.name,
-            vm.log_path.display(),
-            vm.console()
-        );
+        vm.fail(what);
     }
 }
 

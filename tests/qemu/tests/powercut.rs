@@ -32,15 +32,6 @@ const DISK: &str = "6G";
 /// Bytes of the pattern written at the start of data0 (and 1 MiB at its end).
 const PATTERN_BYTES: u64 = 4 << 20;
 
-fn fail_with_console(vm: &Vm, what: &str) -> ! {
-    panic!(
-        "{what}\n----- console of {} ({}) -----\n{}\n----- end of console -----",
-        vm.name,
-        vm.log_path.display(),
-        vm.console()
-    )
-}
-
 /// The host name in the first `clutch: phase=<phase> host=<name>` line from `from`.
 fn phase_line(vm: &mut Vm, phase: &str) -> (String, usize) {
     let needle = format!("clutch: phase={phase} host=");
@@ -57,26 +48,14 @@ fn phase_line(vm: &mut Vm, phase: &str) -> (String, usize) {
 
 /// The final phase (the first that is not `configuring`) and its host name.
 fn final_phase(vm: &mut Vm) -> (String, String) {
-    let mut from = 0;
-    loop {
-        let end = vm.wait_for_from(from, "clutch: phase=", BOOT).unwrap();
-        let eol = vm.wait_for_from(end, "\n", BOOT).unwrap();
-        let line = vm.console()[end..eol].trim().to_string();
-        let phase = line
-            .split_whitespace()
-            .next()
+    let line = vm.final_phase_line(BOOT).unwrap();
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
             .unwrap_or_default()
-            .to_string();
-        if phase != "configuring" {
-            let host = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("host="))
-                .unwrap_or_default()
-                .to_string();
-            return (phase, host);
-        }
-        from = eol;
-    }
+            .to_string()
+    };
+    (field("phase="), field("host="))
 }
 
 /// Identity, storage, root size, status; the pattern's checksum as read from data0.
@@ -149,7 +128,7 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
         let mut vm = Vm::start(vm_opts(format!("powercut-{n}-{point}"), extra)).unwrap();
         let (planned, _) = phase_line(&mut vm, "configuring");
         vm.wait_for(&format!("clutch: hold={point}"), BOOT)
-            .unwrap_or_else(|e| fail_with_console(&vm, &format!("{e:#}")));
+            .unwrap_or_else(|e| vm.fail(&format!("{e:#}")));
         let secs = t.elapsed().as_secs_f64();
         // The power cut: SIGKILL to QEMU, whatever the guest had not written is gone.
         vm.kill();
@@ -158,10 +137,9 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
             None => *host = Some(planned),
             Some(h) => {
                 if *h != planned {
-                    fail_with_console(
-                        &vm,
-                        &format!("boot {n} planned host {planned}, earlier boots {h}"),
-                    );
+                    vm.fail(&format!(
+                        "boot {n} planned host {planned}, earlier boots {h}"
+                    ));
                 }
             }
         }
@@ -188,10 +166,9 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
         let secs = t.elapsed().as_secs_f64();
         eprintln!("boot {n}: phase={phase} host={h} after {secs:.0}s");
         if phase != "ready" || h != host {
-            fail_with_console(
-                &vm,
-                &format!("boot {n}: expected phase=ready host={host}, got phase={phase} host={h}"),
-            );
+            vm.fail(&format!(
+                "boot {n}: expected phase=ready host={host}, got phase={phase} host={h}"
+            ));
         }
         boots.push(Boot {
             what: format!("{n}: normal, phase=ready"),
