@@ -1,7 +1,7 @@
 //! Raspberry Pi SD-card images (arm64): the rpi4 image has the MBR layout the Pi firmware
 //! expects, clean file systems, the firmware, kernel, device trees, config.txt and cmdline.txt
 //! on `bootfs`, the wifi firmware in the root, and it boots (its own kernel and initramfs,
-//! on QEMU's `virt` machine) to clutch-firstboot's console line. The rpi3 image, built from
+//! on QEMU's `virt` machine) to clutch-firstboot's `phase=ready`. The rpi3 image, built from
 //! the same cached root filesystem, differs only in its firmware and device trees.
 //!
 //! The arm64 root filesystem is built under qemu-user emulation: cold, that takes several
@@ -119,7 +119,9 @@ fn extract(img: &Path, start: u64, size: u64, to: &Path) {
         .arg(format!("count={size}")));
 }
 
-fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
+/// `dtbs`: the board's device trees, all of which must be on bootfs (with
+/// `upstream_kernel=1` the firmware picks the one named for the board it runs on).
+fn boot_checks(img: &Path, firmware: &[&str], dtbs: &[&str]) -> (Table, String, String) {
     let t = sfdisk(img);
     assert_eq!(t.parts.len(), 2);
     let (ref bt, bs, bz) = t.parts[0];
@@ -130,13 +132,12 @@ fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
         assert_eq!(off % (4 << 20), 0, "4 MiB alignment");
     }
     let listing = mdir(img, bs);
-    for f in firmware.iter().chain(&[
+    for f in firmware.iter().chain(dtbs).chain(&[
         "vmlinuz",
         "initrd.img",
         "config.txt",
         "cmdline.txt",
         "clutch.toml",
-        dtb,
     ]) {
         assert!(
             listing.lines().any(|l| l.ends_with(&format!("/{f}"))),
@@ -147,6 +148,7 @@ fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
     for l in [
         "arm_64bit=1",
         "enable_uart=1",
+        "upstream_kernel=1",
         "kernel=vmlinuz",
         "initramfs initrd.img followkernel",
     ] {
@@ -155,7 +157,6 @@ fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
             "config.txt lacks {l}:\n{config}"
         );
     }
-    assert!(config.contains(dtb), "{config}");
     let cmdline = mtype(img, bs, "cmdline.txt");
     assert_eq!(
         cmdline.trim_end().lines().count(),
@@ -173,7 +174,7 @@ fn boot_checks(img: &Path, firmware: &[&str], dtb: &str) -> (Table, String) {
     ] {
         assert!(args.contains(&a), "cmdline.txt lacks {a}: {cmdline}");
     }
-    (t, cmdline)
+    (t, config, cmdline)
 }
 
 #[test]
@@ -181,7 +182,26 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
     let b = rpi4();
     let img = &b.img;
     eprintln!("rpi4 image built in {:.0}s", b.secs);
-    let (t, cmdline) = boot_checks(img, &["start4.elf", "fixup4.dat"], "bcm2711-rpi-4-b.dtb");
+    let (t, config, cmdline) = boot_checks(
+        img,
+        &["start4.elf", "fixup4.dat"],
+        &[
+            "bcm2711-rpi-4-b.dtb",
+            "bcm2711-rpi-400.dtb",
+            "bcm2711-rpi-cm4-io.dtb",
+        ],
+    );
+    // The Pi 4 board names its trees: the firmware would look for bcm2711-rpi-cm4.dtb, but
+    // Debian's kernel has the CM4's only as the IO board's tree.
+    for l in [
+        "device_tree=bcm2711-rpi-4-b.dtb",
+        "device_tree=bcm2711-rpi-cm4-io.dtb",
+    ] {
+        assert!(
+            config.lines().any(|x| x == l),
+            "config.txt lacks {l}:\n{config}"
+        );
+    }
     let (_, bs, bz) = t.parts[0];
     let (_, rs, rz) = t.parts[1];
 
@@ -289,11 +309,18 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
         "rpi4 image: clutch-firstboot's console line after {:.0}s under TCG",
         t0.elapsed().as_secs_f64()
     );
-    let console = vm.console();
-    assert!(
-        console.contains(&format!("root=PARTUUID={}-02", t.id)),
-        "the kernel did not get the image's command line"
+    if !vm.console().contains(&format!("root=PARTUUID={}-02", t.id)) {
+        vm.fail("the kernel did not get the image's command line");
+    }
+    // The cross-built clutch-firstboot does the whole first boot (no [cluster]: role none).
+    let line = vm.final_phase_line(BOOT).unwrap();
+    eprintln!(
+        "rpi4 image: `{line}` after {:.0}s under TCG",
+        t0.elapsed().as_secs_f64()
     );
+    if !(line.starts_with("clutch: phase=ready host=pi-") && line.contains(" role=none")) {
+        vm.fail(&format!("expected phase=ready, got `{line}`"));
+    }
 }
 
 #[test]
@@ -302,11 +329,17 @@ fn rpi3_image_differs_only_in_firmware_and_device_trees() {
     rpi4();
     let b = build("rpi3");
     eprintln!("rpi3 image built in {:.0}s (warm)", b.secs);
-    boot_checks(
+    let (_, config, _) = boot_checks(
         &b.img,
         &["bootcode.bin", "start.elf", "fixup.dat"],
-        "bcm2837-rpi-3-b.dtb",
+        &[
+            "bcm2837-rpi-3-b.dtb",
+            "bcm2837-rpi-3-b-plus.dtb",
+            "bcm2837-rpi-3-a-plus.dtb",
+        ],
     );
+    // No device_tree line: a [pi3+] one would give the 3A+ the 3B+ tree.
+    assert!(!config.contains("device_tree="), "{config}");
     let listing = mdir(&b.img, sfdisk(&b.img).parts[0].1);
     assert!(!listing.contains("start4.elf"), "{listing}");
 }
