@@ -89,7 +89,7 @@ fn cross_build_firstboot(
     data_dir: &Path,
     cache: &Path,
     mirror: &str,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, bool)> {
     crate::cross::ensure_firstboot(cache, data_dir, &board.arch, mirror).with_context(|| {
         format!(
             "no {} clutch-firstboot (or pass --firstboot-bin)",
@@ -248,8 +248,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     // as the longer of the two.
     let (firstboot, rootfs) = std::thread::scope(|s| {
         let firstboot = s.spawn(|| match &firstboot_source {
-            FirstbootSource::Ready(p) => Ok(p.clone()),
-            FirstbootSource::Cross => cross_build_firstboot(&board, &data.0, &cache, cfg.mirror()),
+            FirstbootSource::Ready(p) => Ok((p.clone(), None)),
+            FirstbootSource::Cross => cross_build_firstboot(&board, &data.0, &cache, cfg.mirror())
+                .map(|(p, compiled)| (p, Some(compiled))),
         });
         let rootfs = rootfs::ensure(&cache, &spec);
         let firstboot = firstboot
@@ -258,13 +259,17 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         (firstboot, rootfs)
     });
     let (tar, cached) = rootfs?;
-    let firstboot = firstboot?;
-    let crossed = matches!(firstboot_source, FirstbootSource::Cross);
-    p.done(match (cached, crossed) {
-        (true, false) => "reused from the cache",
-        (true, true) => "reused from the cache; clutch-firstboot cross-built",
-        (false, false) => "built with mmdebstrap",
-        (false, true) => "built with mmdebstrap, clutch-firstboot cross-built alongside",
+    // `compiled`: None = a given binary, Some(false) = cross-built before, from the cache.
+    let (firstboot, compiled) = firstboot?;
+    p.done(match (cached, compiled) {
+        (true, None) => "reused from the cache",
+        (true, Some(false)) => "reused from the cache, the cross-built clutch-firstboot too",
+        (true, Some(true)) => "reused from the cache; clutch-firstboot cross-built",
+        (false, None) => "built with mmdebstrap",
+        (false, Some(false)) => {
+            "built with mmdebstrap; cross-built clutch-firstboot from the cache"
+        }
+        (false, Some(true)) => "built with mmdebstrap, clutch-firstboot cross-built alongside",
     });
 
     p.stage("staging the image tree");

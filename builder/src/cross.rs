@@ -251,8 +251,13 @@ pub fn ensure_toolchain(cache: &Path, spec: &ToolchainSpec) -> Result<PathBuf> {
 }
 
 /// The cross-built `clutch-firstboot` for `arch` from the source tree `src`, from the cache
-/// when these sources were built before.
-pub fn ensure_firstboot(cache: &Path, src: &Path, arch: &str, mirror: &str) -> Result<PathBuf> {
+/// when these sources were built before; `true` when it was compiled now.
+pub fn ensure_firstboot(
+    cache: &Path,
+    src: &Path,
+    arch: &str,
+    mirror: &str,
+) -> Result<(PathBuf, bool)> {
     let target = cross_target(arch).with_context(|| {
         format!("clutch cannot cross-build clutch-firstboot for `{arch}`; pass --firstboot-bin")
     })?;
@@ -263,7 +268,7 @@ pub fn ensure_firstboot(cache: &Path, src: &Path, arch: &str, mirror: &str) -> R
     let out_dir = cache.join("firstboot").join(&key);
     let out = out_dir.join("clutch-firstboot");
     if out.is_file() {
-        return Ok(out);
+        return Ok((out, false));
     }
     eprintln!(
         "clutch: cross-building clutch-firstboot for {} with {TOOLCHAIN_SUITE}'s rustc (once per source change)",
@@ -319,7 +324,7 @@ pub fn ensure_firstboot(cache: &Path, src: &Path, arch: &str, mirror: &str) -> R
     atomic::write(&out, &data)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755))?;
-    Ok(out)
+    Ok((out, true))
 }
 
 /// `cargo vendor` with the host's cargo: from its registry cache first, the network second.
