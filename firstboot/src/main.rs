@@ -92,14 +92,18 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run => {
             // Netboot (`clutch.config=` on the kernel command line): clutch.toml comes from
             // the server. Nothing happens on a disk image.
-            match clutch_firstboot::netconfig::prepare_from_server(&paths) {
-                Ok(Some(url)) => tracing::info!("node config fetched from {url}"),
-                Ok(None) => {}
+            let fetch_error = match clutch_firstboot::netconfig::prepare_from_server(&paths) {
+                Ok(Some(url)) => {
+                    tracing::info!("node config fetched from {url}");
+                    None
+                }
+                Ok(None) => None,
                 Err(e) => {
                     tracing::error!("{e}");
                     println!("clutch: {e}");
+                    Some(e)
                 }
-            }
+            };
             let board = StatusBoard::new(
                 paths.status_file(),
                 Box::new(|line| {
@@ -108,7 +112,8 @@ fn real_main(cli: Cli) -> Result<()> {
                     status::print_console(line);
                 }),
             );
-            let report = clutch_firstboot::run::run(&paths, &RealSys, &board, true);
+            let report =
+                clutch_firstboot::run::run(&paths, &RealSys, &board, true, fetch_error.as_deref());
             // A failed node still boots: the error is in the status, the exit code is 0.
             let (own, children) = peak_rss_kib();
             tracing::info!(

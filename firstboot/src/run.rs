@@ -25,8 +25,16 @@ fn hex_random(sys: &dyn Sys) -> String {
 }
 
 /// Runs the node setup; with `[cluster]` it then calls into cluster formation when
-/// `form` is set (the binary sets it; tests usually don't).
-pub fn run(paths: &Paths, sys: &dyn Sys, sink: &dyn StatusSink, form: bool) -> Report {
+/// `form` is set (the binary sets it; tests usually don't). `fetch_error`: why a netbooted
+/// node's config could not be downloaded; when no usable clutch.toml is there either, it
+/// leads the error in the status, since it is the cause.
+pub fn run(
+    paths: &Paths,
+    sys: &dyn Sys,
+    sink: &dyn StatusSink,
+    form: bool,
+    fetch_error: Option<&str>,
+) -> Report {
     let loaded = load(paths, &read_sources(paths));
     let names: Vec<String> = match &loaded {
         Ok(l) => l
@@ -49,7 +57,13 @@ pub fn run(paths: &Paths, sys: &dyn Sys, sink: &dyn StatusSink, form: bool) -> R
             Ok(p) => (p, None),
             Err(e) => (plan_safe(paths, &facts, &fresh), Some(e.to_string())),
         },
-        Err(e) => (plan_safe(paths, &facts, &fresh), Some(e.to_string())),
+        Err(e) => (
+            plan_safe(paths, &facts, &fresh),
+            Some(match fetch_error {
+                Some(f) => format!("{f}; {e}"),
+                None => e.to_string(),
+            }),
+        ),
     };
     if let Some(e) = &error {
         tracing::error!("{e}");

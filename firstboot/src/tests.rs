@@ -90,6 +90,10 @@ impl Node {
     }
     /// One boot with a fresh fake; returns the report, the console lines and the calls.
     fn boot_with(&self, sys: &FakeSys) -> (Report, Vec<String>) {
+        self.boot_fetched(sys, None)
+    }
+    /// [`Self::boot_with`] on a netbooted node whose config download failed with `fetch_error`.
+    fn boot_fetched(&self, sys: &FakeSys, fetch_error: Option<&str>) -> (Report, Vec<String>) {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l2 = lines.clone();
         let board = StatusBoard::new(
@@ -97,7 +101,7 @@ impl Node {
             Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
         );
         // Formation (`form = true`) needs a network and peers: the cluster crate tests it.
-        let rep = run(&self.paths, sys, &board, false);
+        let rep = run(&self.paths, sys, &board, false, fetch_error);
         assert_eq!(board.get(), self.status(), "status.json matches the sink");
         let l = lines.lock().unwrap().clone();
         (rep, l)
@@ -506,6 +510,24 @@ fn missing_clutch_toml_fails_clearly() {
         &lines,
         "cannot read /boot/efi/clutch.toml: ",
     );
+}
+
+#[test]
+fn failed_netboot_download_leads_the_error_when_no_config_is_there() {
+    let n = Node::new(None);
+    let sys = FakeSys::new();
+    let fetch = "cannot fetch the node config from http://10.0.0.1:8080/config/525400123456 \
+                 (clutch.config= on the kernel command line): connection refused";
+    let (rep, lines) = n.boot_fetched(&sys, Some(fetch));
+    let want = format!("{fetch}; cannot read /boot/efi/clutch.toml: ");
+    assert_failed_but_safe(&n, &rep, &sys.calls(n.root()), &lines, &want);
+}
+
+#[test]
+fn failed_netboot_download_with_a_usable_config_goes_on() {
+    let n = Node::new(Some(&basic()));
+    let (rep, _) = n.boot_fetched(&FakeSys::new(), Some("cannot fetch the node config"));
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
 }
 
 #[test]
