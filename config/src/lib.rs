@@ -2,11 +2,13 @@
 //!
 //! Every loader returns a [`ConfigError`] whose message names `file:line:col` and the key.
 
+pub mod account;
 pub mod board;
 pub mod diag;
 pub mod phase;
 pub mod schema;
 pub mod types;
+pub mod zone;
 
 use std::path::{Path, PathBuf};
 
