@@ -281,6 +281,12 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         .keep();
     let _cleanup = DirGuard(staging.clone());
     rootfs::extract(&tar, &staging)?;
+    let names = stage::plan_names(&staging, &cfg).map_err(|e| match e {
+        stage::PlanNamesError::Invalid(inv) => {
+            anyhow::Error::from(clutch_config::diag::locate(&opts.config, &text, inv))
+        }
+        e => e.into(),
+    })?;
     let overlays = cfg
         .overlays
         .iter()
@@ -296,6 +302,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             firstboot_unit: &unit,
             root_partuuid: root_uuid.clone(),
             boot_partuuid: boot_uuid.clone(),
+            names,
         },
     )?;
     if let Some(c) = &cfg.cluster {

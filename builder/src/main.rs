@@ -203,6 +203,17 @@ fn run(cli: Cli) -> Result<bool> {
                 cfg.suite,
                 board.arch
             );
+            if let Some(u) = &cfg.user {
+                // decide_without_root accepted it while loading; say what it will become.
+                if let Ok(a) = clutch_config::account::decide_without_root(&u.name) {
+                    println!(
+                        "note: user.name: {}. Checked against Debian's base-passwd tables and the \
+                         accounts clutch's own packages add; the build has the final word, checking \
+                         the image's /etc/passwd and /etc/group once its packages are installed.",
+                        a.describe(u.name.as_str())
+                    );
+                }
+            }
             Ok(true)
         }
         Cmd::Doctor => {
