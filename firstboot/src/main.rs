@@ -145,6 +145,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 .map(|l| l.name.to_string())
                 .collect();
             let mut f = facts::gather(&paths, &names);
+            f.zoneinfo = facts::zones(
+                &paths,
+                &clutch_config::zone::candidates(loaded.config.system.timezone.as_str()),
+            );
             f.hold = clutch_firstboot::hold::requested(&RealSys);
             let fresh = clutch_firstboot::plan::Fresh {
                 node_id: "0".repeat(32),
@@ -154,6 +158,9 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("hostname: {}", plan.hostname);
             for n in &plan.notes {
                 println!("note: {n}");
+            }
+            for w in &plan.warnings {
+                println!("warning: {w}");
             }
             for s in &plan.steps {
                 println!("{}{}:", s.name, if s.marker { " (once)" } else { "" });

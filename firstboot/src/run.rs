@@ -3,11 +3,12 @@
 
 use crate::apply::{Outcome, apply};
 use crate::cluster::{ClusterContext, form_cluster};
-use crate::facts::{Paths, gather};
+use crate::facts::{Paths, gather, zones};
 use crate::load::{load, read_sources};
 use crate::plan::{Fresh, Plan, plan, plan_safe};
 use crate::status::{Phase, StatusSink, StatusUpdate};
 use crate::sys::Sys;
+use clutch_config::zone;
 
 /// What happened, for the caller (and tests).
 #[derive(Debug)]
@@ -47,6 +48,9 @@ pub fn run(
         Err(_) => Vec::new(),
     };
     let mut facts = gather(paths, &names);
+    if let Ok(l) = &loaded {
+        facts.zoneinfo = zones(paths, &zone::candidates(l.config.system.timezone.as_str()));
+    }
     facts.hold = crate::hold::requested(sys);
     let fresh = Fresh {
         node_id: hex_random(sys),
@@ -71,6 +75,9 @@ pub fn run(
     for n in &the_plan.notes {
         tracing::info!("{n}");
     }
+    for w in &the_plan.warnings {
+        tracing::warn!("{w}");
+    }
     let role = if the_plan.cluster.is_some() {
         "pending"
     } else {
@@ -79,6 +86,7 @@ pub fn run(
     sink.set(StatusUpdate {
         hostname: Some(the_plan.hostname.to_string()),
         node_id: Some(the_plan.node_id.clone()),
+        warnings: Some(the_plan.warnings.clone()),
         ..StatusUpdate::phase(Phase::Configuring).role(role)
     });
 
@@ -109,11 +117,7 @@ pub fn run(
                 hostname: the_plan.hostname.to_string(),
                 state_dir: paths.state(""),
                 root: paths.root.clone(),
-                admin_user: loaded
-                    .as_ref()
-                    .ok()
-                    .and_then(|l| l.config.user.as_ref())
-                    .map(|u| u.name.to_string()),
+                admin_user: the_plan.user.clone(),
             };
             if let Err(e) = form_cluster(&ctx, sink) {
                 tracing::error!("cluster: {e}");
