@@ -202,7 +202,7 @@ pub fn plan_names(root: &Path, cfg: &ImageConfig) -> Result<NamePlan, PlanNamesE
     zone::check(tz, legacy, |n| zone_in_root(root, n)).map_err(|why| {
         Invalid::new(
             "system.timezone",
-            format!("{why} (this image's {}/ has no such zone)", zone::ZONEINFO),
+            format!("{why} (checked against this image's {}/)", zone::ZONEINFO),
         )
     })?;
     let useradd = match &cfg.user {
@@ -267,15 +267,8 @@ pub fn useradd_args(u: &User, passwd: &str, group: &str) -> Result<Vec<String>, 
 
 /// Whether the image has a compiled zone `name` (links followed inside the image).
 fn zone_in_root(root: &Path, name: &str) -> bool {
-    use std::io::Read;
-    let Ok(p) = resolve_in_root(root, &format!("{}/{name}", zone::ZONEINFO)) else {
-        return false;
-    };
-    let mut head = [0u8; 4];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && zone::is_tzif(&head)
+    resolve_in_root(root, &format!("{}/{name}", zone::ZONEINFO))
+        .is_ok_and(|p| zone::is_compiled_zone(&p))
 }
 
 /// Points /etc/localtime at `tz` ([`plan_names`] made sure the image has it).

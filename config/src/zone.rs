@@ -60,9 +60,15 @@ pub fn in_tzdata(name: &str) -> bool {
     tzdata_zones().any(|z| z == name)
 }
 
-/// Whether `bytes` (the start of a file) are a compiled zone (TZif) file.
-pub fn is_tzif(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"TZif")
+/// Whether the file at `path` (a host path: the caller maps it into the image or the
+/// node's root) is a compiled zone, i.e. starts with the TZif magic.
+pub fn is_compiled_zone(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"TZif"
 }
 
 /// Why a `timezone` value cannot be used.
@@ -234,6 +240,19 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    #[test]
+    fn compiled_zones_are_told_by_their_magic() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("z");
+        assert!(!is_compiled_zone(&p), "missing");
+        std::fs::write(&p, "TZif2\0\0").unwrap();
+        assert!(is_compiled_zone(&p));
+        std::fs::write(&p, "# zone.tab\n").unwrap();
+        assert!(!is_compiled_zone(&p));
+        std::fs::write(&p, "TZ").unwrap();
+        assert!(!is_compiled_zone(&p), "short");
     }
 
     #[test]

@@ -201,18 +201,33 @@ pub fn gather(paths: &Paths, loop_names: &[String]) -> Facts {
     f
 }
 
+/// [`gather`] for a node config (none when it could not be loaded): the state of its
+/// loopback devices, and the zones its time zone may come down to.
+pub fn gather_for(paths: &Paths, config: Option<&clutch_config::NodeConfig>) -> Facts {
+    let Some(c) = config else {
+        return gather(paths, &[]);
+    };
+    let names: Vec<String> = c
+        .storage
+        .loopback
+        .iter()
+        .map(|l| l.name.to_string())
+        .collect();
+    let mut f = gather(paths, &names);
+    f.zoneinfo = zones(
+        paths,
+        &clutch_config::zone::candidates(c.system.timezone.as_str()),
+    );
+    f
+}
+
 /// Which of `names` the node has as compiled zones under /usr/share/zoneinfo.
 pub fn zones(paths: &Paths, names: &[String]) -> BTreeMap<String, bool> {
     names
         .iter()
         .map(|n| {
-            let mut head = [0u8; 4];
             let p = paths.host(Path::new(clutch_config::zone::ZONEINFO).join(n));
-            let ok = fs::File::open(p)
-                .and_then(|mut f| f.read_exact(&mut head))
-                .is_ok()
-                && clutch_config::zone::is_tzif(&head);
-            (n.clone(), ok)
+            (n.clone(), clutch_config::zone::is_compiled_zone(&p))
         })
         .collect()
 }

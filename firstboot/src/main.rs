@@ -137,18 +137,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let loaded =
                 clutch_firstboot::load::load(&paths, &clutch_firstboot::load::read_sources(&paths));
             let loaded = loaded.context("the node config is not usable")?;
-            let names: Vec<String> = loaded
-                .config
-                .storage
-                .loopback
-                .iter()
-                .map(|l| l.name.to_string())
-                .collect();
-            let mut f = facts::gather(&paths, &names);
-            f.zoneinfo = facts::zones(
-                &paths,
-                &clutch_config::zone::candidates(loaded.config.system.timezone.as_str()),
-            );
+            let mut f = facts::gather_for(&paths, Some(&loaded.config));
             f.hold = clutch_firstboot::hold::requested(&RealSys);
             let fresh = clutch_firstboot::plan::Fresh {
                 node_id: "0".repeat(32),

@@ -3,12 +3,11 @@
 
 use crate::apply::{Outcome, apply};
 use crate::cluster::{ClusterContext, form_cluster};
-use crate::facts::{Paths, gather, zones};
+use crate::facts::{Paths, gather_for};
 use crate::load::{load, read_sources};
 use crate::plan::{Fresh, Plan, plan, plan_safe};
 use crate::status::{Phase, StatusSink, StatusUpdate};
 use crate::sys::Sys;
-use clutch_config::zone;
 
 /// What happened, for the caller (and tests).
 #[derive(Debug)]
@@ -37,20 +36,7 @@ pub fn run(
     fetch_error: Option<&str>,
 ) -> Report {
     let loaded = load(paths, &read_sources(paths));
-    let names: Vec<String> = match &loaded {
-        Ok(l) => l
-            .config
-            .storage
-            .loopback
-            .iter()
-            .map(|l| l.name.to_string())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    let mut facts = gather(paths, &names);
-    if let Ok(l) = &loaded {
-        facts.zoneinfo = zones(paths, &zone::candidates(l.config.system.timezone.as_str()));
-    }
+    let mut facts = gather_for(paths, loaded.as_ref().ok().map(|l| &l.config));
     facts.hold = crate::hold::requested(sys);
     let fresh = Fresh {
         node_id: hex_random(sys),

@@ -1086,7 +1086,7 @@ fn plan_is_deterministic_data() {
     let n = Node::new(Some(&basic()));
     let paths = &n.paths;
     let loaded = crate::load::load(paths, &crate::load::read_sources(paths)).unwrap();
-    let facts = crate::facts::gather(paths, &["data0".into()]);
+    let facts = crate::facts::gather_for(paths, Some(&loaded.config));
     let fresh = crate::plan::Fresh {
         node_id: "abcdef".repeat(5) + "ab",
         machine_id: "1".repeat(32),
