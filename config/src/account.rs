@@ -138,70 +138,56 @@ impl Account {
     }
 }
 
-/// Why a name cannot be the login user.
+/// Why a name cannot be the login user, and one that can.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NameRejected {
+pub struct NameRejected {
+    pub name: String,
+    pub reason: Reason,
+    /// A name the same tree accepts for a new user.
+    pub instead: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
     SystemUser {
-        name: String,
         uid: u32,
         gecos: String,
-        instead: String,
     },
-    PrivilegedGroup {
-        name: String,
-        instead: String,
-    },
-    Reserved {
-        name: String,
-        prefix: &'static str,
-        instead: String,
-    },
+    PrivilegedGroup,
+    /// Starts with one of [`RESERVED_PREFIXES`].
+    Reserved(&'static str),
     /// Only a group has the name, and the tree has no [`SHARED_GROUP`] group to put the
     /// user in instead.
-    NoSharedGroup {
-        name: String,
-        instead: String,
-    },
+    NoSharedGroup,
 }
 
 impl fmt::Display for NameRejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NameRejected::SystemUser {
-                name,
-                uid,
-                gecos,
-                instead,
-            } => {
+        let name = &self.name;
+        match &self.reason {
+            Reason::SystemUser { uid, gecos } => {
                 write!(f, "`{name}` is a system account (uid {uid}")?;
                 if !gecos.is_empty() && gecos != name {
                     write!(f, ", \"{gecos}\"")?;
                 }
-                write!(
-                    f,
-                    "), not a name for a login user; choose another, such as `{instead}`"
-                )
+                write!(f, "), not a name for a login user")?;
             }
-            NameRejected::PrivilegedGroup { name, instead } => write!(
+            Reason::PrivilegedGroup => write!(
                 f,
                 "`{name}` is a privileged group; a login user of that name invites handing its \
-                 rights out by accident; choose another, such as `{instead}`"
-            ),
-            NameRejected::Reserved {
-                name,
-                prefix,
-                instead,
-            } => write!(
+                 rights out by accident"
+            )?,
+            Reason::Reserved(prefix) => write!(
                 f,
-                "`{name}` starts with `{prefix}`, which Debian and systemd keep for system \
-                 accounts; choose another, such as `{instead}`"
-            ),
-            NameRejected::NoSharedGroup { name, instead } => write!(
+                "`{name}` starts with `{prefix}`, which Debian and systemd keep for system accounts"
+            )?,
+            Reason::NoSharedGroup => write!(
                 f,
                 "a group `{name}` exists and this root filesystem has no `{SHARED_GROUP}` group \
-                 to make the user's primary group; choose another, such as `{instead}`"
-            ),
+                 to make the user's primary group"
+            )?,
         }
+        write!(f, "; choose another, such as `{}`", self.instead)
     }
 }
 
@@ -209,8 +195,11 @@ impl std::error::Error for NameRejected {}
 
 /// The rule, given a tree's `/etc/passwd` and `/etc/group` texts.
 pub fn decide(name: &UserName, passwd: &str, group: &str) -> Result<Account, NameRejected> {
-    let name = name.as_str();
-    verdict(name, passwd, group).map_err(|why| why.rejected(name, passwd, group))
+    verdict(name.as_str(), passwd, group).map_err(|reason| NameRejected {
+        name: name.to_string(),
+        reason,
+        instead: suggestion(passwd, group),
+    })
 }
 
 /// The rule without a root filesystem (`clutch check`): base-passwd's tables and the
@@ -230,46 +219,19 @@ pub fn base_passwd_names() -> Vec<String> {
     v
 }
 
-/// A rejection before its suggestion is filled in.
-enum Why {
-    SystemUser(PasswdEntry),
-    Privileged,
-    Reserved(&'static str),
-    NoSharedGroup,
-}
-
-impl Why {
-    fn rejected(self, name: &str, passwd: &str, group: &str) -> NameRejected {
-        let name = name.to_string();
-        let instead = suggestion(passwd, group);
-        match self {
-            Why::SystemUser(e) => NameRejected::SystemUser {
-                name,
-                uid: e.uid,
-                gecos: e.gecos,
-                instead,
-            },
-            Why::Privileged => NameRejected::PrivilegedGroup { name, instead },
-            Why::Reserved(prefix) => NameRejected::Reserved {
-                name,
-                prefix,
-                instead,
-            },
-            Why::NoSharedGroup => NameRejected::NoSharedGroup { name, instead },
-        }
-    }
-}
-
-fn verdict(name: &str, passwd: &str, group: &str) -> Result<Account, Why> {
+fn verdict(name: &str, passwd: &str, group: &str) -> Result<Account, Reason> {
     if let Some(p) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
-        return Err(Why::Reserved(p));
+        return Err(Reason::Reserved(p));
     }
     if PRIVILEGED_GROUPS.contains(&name) {
-        return Err(Why::Privileged);
+        return Err(Reason::PrivilegedGroup);
     }
     if let Some(e) = find_user(passwd, name) {
         return if e.is_system() {
-            Err(Why::SystemUser(e))
+            Err(Reason::SystemUser {
+                uid: e.uid,
+                gecos: e.gecos,
+            })
         } else {
             Ok(Account::Existing(e))
         };
@@ -281,7 +243,7 @@ fn verdict(name: &str, passwd: &str, group: &str) -> Result<Account, Why> {
     if has_group(SHARED_GROUP) {
         Ok(Account::NewInSharedGroup)
     } else {
-        Err(Why::NoSharedGroup)
+        Err(Reason::NoSharedGroup)
     }
 }
 
@@ -328,7 +290,7 @@ mod tests {
             "backup",
         ] {
             let e = decide_without_root(&name(n)).unwrap_err();
-            assert!(matches!(e, NameRejected::SystemUser { .. }), "{n}: {e}");
+            assert!(matches!(e.reason, Reason::SystemUser { .. }), "{n}: {e}");
             let m = e.to_string();
             assert!(
                 m.contains("system account") && m.contains("such as `admin`"),
@@ -363,10 +325,7 @@ mod tests {
         for n in PRIVILEGED_GROUPS.iter().filter(|n| **n != "root") {
             let e = decide(&name(n), "", "").unwrap_err();
             assert!(
-                matches!(
-                    e,
-                    NameRejected::PrivilegedGroup { .. } | NameRejected::Reserved { .. }
-                ),
+                matches!(e.reason, Reason::PrivilegedGroup | Reason::Reserved(_)),
                 "{n}: {e}"
             );
         }
@@ -390,7 +349,7 @@ mod tests {
     #[test]
     fn no_users_group_means_no_place_for_a_group_only_name() {
         let e = decide(&name("operator"), "", "operator:x:37:\n").unwrap_err();
-        assert!(matches!(e, NameRejected::NoSharedGroup { .. }), "{e}");
+        assert_eq!(e.reason, Reason::NoSharedGroup, "{e}");
     }
 
     #[test]
