@@ -289,7 +289,11 @@ mod tests {
         insert_bounded(&mut t, "n0".into(), entry("10.0.0.1"));
         assert_eq!(t.len(), MAX_PER_ADDRESS, "updates of a known name are kept");
         for i in 0..200 {
-            insert_bounded(&mut t, format!("m{i}"), entry(&format!("10.0.{}.{}", i / 200 + 1, i % 200 + 2)));
+            insert_bounded(
+                &mut t,
+                format!("m{i}"),
+                entry(&format!("10.0.{}.{}", i / 200 + 1, i % 200 + 2)),
+            );
         }
         assert_eq!(t.len(), MAX_PEERS);
     }

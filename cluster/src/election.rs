@@ -143,7 +143,8 @@ impl Election {
             // Listed, but this engine admits such members one by one once the first is up.
             return None;
         }
-        let of_plan = |p: &PeerView| p.bootstrap.as_ref().map(|b| &b.instance) == Some(&plan.instance);
+        let of_plan =
+            |p: &PeerView| p.bootstrap.as_ref().map(|b| &b.instance) == Some(&plan.instance);
         let leader_up = v.peers.get(&plan.leader).is_some_and(of_plan);
         let from = if leader_up && start == PlanStart::Together {
             Some(plan.leader.clone())

@@ -132,7 +132,11 @@ fn id_a(h: &ClientHello) -> Vec<u8> {
 }
 
 fn id_b(h: &ServerHello) -> Vec<u8> {
-    format!("clutch-v{}\0{}\0{}\0{}", h.v, h.cluster, h.node_id, h.node_key).into_bytes()
+    format!(
+        "clutch-v{}\0{}\0{}\0{}",
+        h.v, h.cluster, h.node_id, h.node_key
+    )
+    .into_bytes()
 }
 
 fn transcript(c: &ClientHello, s: &ServerHello, msg_a: &[u8], msg_b: &[u8]) -> [u8; 32] {
@@ -195,8 +199,11 @@ fn verify_sig(key: &NodeKey, side: &str, t: &[u8; 32], sig: &str) -> Result<(), 
     let vk = key.verifying_key().ok_or(HandshakeError::BadSignature)?;
     let mut raw = [0u8; 64];
     hex::decode_to_slice(sig, &mut raw).map_err(|_| HandshakeError::BadSignature)?;
-    vk.verify_strict(&sig_msg(side, t), &ed25519_dalek::Signature::from_bytes(&raw))
-        .map_err(|_| HandshakeError::BadSignature)
+    vk.verify_strict(
+        &sig_msg(side, t),
+        &ed25519_dalek::Signature::from_bytes(&raw),
+    )
+    .map_err(|_| HandshakeError::BadSignature)
 }
 
 fn check_peer(
@@ -358,7 +365,11 @@ impl ServerAwaiting {
         identity: &Identity,
     ) -> Result<(Established, ServerFinish), HandshakeError> {
         let msg_a = hex::decode(&f.pake).map_err(|_| HandshakeError::Pake)?;
-        let k = Zeroizing::new(self.state.finish(&msg_a).map_err(|_| HandshakeError::Pake)?);
+        let k = Zeroizing::new(
+            self.state
+                .finish(&msg_a)
+                .map_err(|_| HandshakeError::Pake)?,
+        );
         let t = transcript(&self.client, &self.hello, &msg_a, &self.msg_b);
         let sched = schedule(&k, &t);
         verify_confirm(&sched.confirm_c, &t, &f.confirm)?;
@@ -411,16 +422,11 @@ mod tests {
         }
     }
 
+    type ServerSide = Result<(Established, ServerFinish), HandshakeError>;
+    type ClientSide = Option<Result<Established, HandshakeError>>;
+
     /// A full handshake; the server's result, then the client's.
-    fn run(
-        c: &Side,
-        s: &Side,
-        tc: &[u8],
-        ts: &[u8],
-    ) -> (
-        Result<(Established, ServerFinish), HandshakeError>,
-        Option<Result<Established, HandshakeError>>,
-    ) {
+    fn run(c: &Side, s: &Side, tc: &[u8], ts: &[u8]) -> (ServerSide, ClientSide) {
         let at: SocketAddr = AT.parse().unwrap();
         let client = Client::new(creds(c, tc), at);
         let server = Server::new(creds(s, ts), at);
@@ -539,17 +545,13 @@ mod tests {
         h.cluster = s.cluster.clone();
         h.node_id = s.id.clone();
         assert_eq!(
-            Server::new(creds(&s, TOKEN), at)
-                .on_client_hello(&h)
-                .err(),
+            Server::new(creds(&s, TOKEN), at).on_client_hello(&h).err(),
             Some(HandshakeError::OwnId)
         );
         h.node_id = c.id.clone();
         h.v = 2;
         assert_eq!(
-            Server::new(creds(&s, TOKEN), at)
-                .on_client_hello(&h)
-                .err(),
+            Server::new(creds(&s, TOKEN), at).on_client_hello(&h).err(),
             Some(HandshakeError::Version(2))
         );
     }

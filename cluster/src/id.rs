@@ -76,7 +76,11 @@ impl fmt::Debug for NodeId {
 }
 
 fn hex_newtype_check(what: &'static str, s: &str, len: usize) -> Result<(), BadId> {
-    if s.len() != len || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != len
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(BadId {
             what,
             value: s.chars().take(80).collect(),
@@ -283,11 +287,12 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Identity::generate();
                 let text = zeroize::Zeroizing::new(hex::encode(id.key.to_bytes()));
-                clutch_os::fs::write_atomic(&path, text.as_bytes(), 0o600)
-                    .map_err(|e| crate::Error::State {
+                clutch_os::fs::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| {
+                    crate::Error::State {
                         path: path.clone(),
                         source: e.into(),
-                    })?;
+                    }
+                })?;
                 Ok(id)
             }
             Err(source) => Err(crate::Error::State { path, source }),
@@ -365,7 +370,8 @@ mod tests {
             vk.verify_strict(b"m", &ed25519_dalek::Signature::from_bytes(&sig))
                 .is_ok()
         );
-        let k: NodeKey = serde_json::from_str(&serde_json::to_string(&a.public()).unwrap()).unwrap();
+        let k: NodeKey =
+            serde_json::from_str(&serde_json::to_string(&a.public()).unwrap()).unwrap();
         assert_eq!(k, a.public());
     }
 }

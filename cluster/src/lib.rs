@@ -240,11 +240,10 @@ pub async fn form(
     if cfg.expected_size == 0 {
         return Err(Error::Config("expected_size must be >= 1".into()));
     }
-    clutch_os::fs::create_dir_all_durable(&cfg.state_dir)
-        .map_err(|e| Error::State {
-            path: cfg.state_dir.clone(),
-            source: e.into(),
-        })?;
+    clutch_os::fs::create_dir_all_durable(&cfg.state_dir).map_err(|e| Error::State {
+        path: cfg.state_dir.clone(),
+        source: e.into(),
+    })?;
     let identity = Identity::load_or_create(&cfg.state_dir)?;
     let cluster_key = ClusterKey::new(
         &cfg.cluster_name,

@@ -170,8 +170,8 @@ pub fn same_key(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
 
 fn x509_public_key(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
     use x509_parser::prelude::FromDer;
-    let der = ::pem::parse(cert_pem)
-        .map_err(|e| PkiError::Invalid(format!("certificate PEM: {e}")))?;
+    let der =
+        ::pem::parse(cert_pem).map_err(|e| PkiError::Invalid(format!("certificate PEM: {e}")))?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.contents())
         .map_err(|e| PkiError::Invalid(format!("certificate: {e}")))?;
     Ok(cert.public_key().raw.to_vec())
@@ -205,7 +205,10 @@ mod tests {
         assert!(!subject.contains("attacker"), "{subject}");
         let issuer = c.issuer().to_string();
         assert!(issuer.contains("clutch cluster lab CA"), "{issuer}");
-        assert!(c.validity().not_before.timestamp() <= 946_684_800, "valid from 2000");
+        assert!(
+            c.validity().not_before.timestamp() <= 946_684_800,
+            "valid from 2000"
+        );
     }
 
     #[test]
@@ -217,8 +220,8 @@ mod tests {
         // The signature verifies with the original CA certificate's key.
         use x509_parser::prelude::FromDer;
         let ca_der = ::pem::parse(ca.cert_pem()).unwrap();
-        let (_, ca_x) = x509_parser::certificate::X509Certificate::from_der(ca_der.contents())
-            .unwrap();
+        let (_, ca_x) =
+            x509_parser::certificate::X509Certificate::from_der(ca_der.contents()).unwrap();
         let der = ::pem::parse(&cert).unwrap();
         let (_, c) = x509_parser::certificate::X509Certificate::from_der(der.contents()).unwrap();
         assert!(c.verify_signature(Some(ca_x.public_key())).is_ok());
@@ -228,7 +231,13 @@ mod tests {
     #[test]
     fn garbage_requests_are_refused_and_keys_are_not_printed() {
         let ca = Ca::generate("lab").unwrap();
-        assert!(ca.sign("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &names()).is_err());
+        assert!(
+            ca.sign(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                &names()
+            )
+            .is_err()
+        );
         assert!(!format!("{:?}", ca.key_pem()).contains("PRIVATE"));
     }
 }

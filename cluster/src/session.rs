@@ -138,7 +138,10 @@ mod tests {
     fn frames_open_once_in_order_and_only_in_their_direction() {
         let (mut x, mut y) = pair();
         let f0 = x.seal(b"hello").unwrap();
-        assert!(!f0.windows(5).any(|w| w == b"hello"), "plaintext on the wire");
+        assert!(
+            !f0.windows(5).any(|w| w == b"hello"),
+            "plaintext on the wire"
+        );
         let f1 = x.seal(b"again").unwrap();
         // reordered: f1 first fails (nonce 0 expected)
         let (_, mut y2) = {

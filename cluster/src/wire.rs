@@ -88,7 +88,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     read_frame_max(r, timeout, MAX_FRAME).await
 }
 
-async fn send_plain<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> Result<(), WireError> {
+async fn send_plain<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    v: &T,
+) -> Result<(), WireError> {
     write_frame(w, &serde_json::to_vec(v)?).await
 }
 
@@ -235,14 +238,19 @@ pub enum Request {
     /// The session's peer gives up its candidacy: votes promised to it are free again.
     Release,
     /// A member listed in the bootstrap plan asks for what it needs to start.
-    Enroll { csr: Option<String> },
+    Enroll {
+        csr: Option<String>,
+    },
     /// A node that is not in the plan asks to be admitted to the running cluster.
     Join {
         hostname: Hostname,
         addr: IpAddr,
         csr: Option<String>,
     },
-    JoinDone { ok: bool, error: Option<String> },
+    JoinDone {
+        ok: bool,
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

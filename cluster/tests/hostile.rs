@@ -184,7 +184,10 @@ fn fake_leader_conn(mut s: TcpStream, cid: &str, loot: &Shared, stop: &AtomicBoo
     let forged = json!({"t": "admitted", "role": "server", "info": {"engine": "none"},
         "leader": FAKE_ID, "members": {"epoch": 99, "members": [{"node_id": FAKE_ID,
         "hostname": "evil", "role": "server", "addr": EVIL.to_string(), "key": random_hex(32)}]}});
-    write_frame(&mut s, &json!({"confirm": random_hex(32), "sig": random_hex(64)}));
+    write_frame(
+        &mut s,
+        &json!({"confirm": random_hex(32), "sig": random_hex(64)}),
+    );
     write_frame(&mut s, &forged);
     while !stop.load(Ordering::Relaxed) && read_frame(&mut s, loot).is_some() {}
 }
@@ -231,8 +234,8 @@ fn relay_conn(client: TcpStream, target: SocketAddr, loot: &Shared, stop: &Arc<A
             break;
         }
         // An encrypted frame is not JSON: keep it as a marker.
-        let v = serde_json::from_slice(&rest[4..4 + n])
-            .unwrap_or_else(|_| json!({"undecodable": n}));
+        let v =
+            serde_json::from_slice(&rest[4..4 + n]).unwrap_or_else(|_| json!({"undecodable": n}));
         loot.lock().unwrap().relayed_replies.push(v);
         rest = &rest[4 + n..];
     }
@@ -706,11 +709,9 @@ fn hold_half_handshakes(
                     while !stop.load(Ordering::Relaxed) {
                         let sock = tokio::net::TcpSocket::new_v4().unwrap();
                         sock.bind(SocketAddr::new(IpAddr::V4(src), 0)).unwrap();
-                        let Ok(Ok(mut s)) = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            sock.connect(target),
-                        )
-                        .await
+                        let Ok(Ok(mut s)) =
+                            tokio::time::timeout(Duration::from_secs(2), sock.connect(target))
+                                .await
                         else {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
@@ -719,13 +720,16 @@ fn hold_half_handshakes(
                         let hello = serde_json::to_vec(&json!({
                             "v": clutch_cluster::handshake::PROTOCOL_VERSION,
                             "cluster": cid, "node_id": "ffff-holder",
-                            "node_key": random_hex(32), "to": target})).unwrap();
+                            "node_key": random_hex(32), "to": target}))
+                        .unwrap();
                         let _ = s.write_all(&(hello.len() as u32).to_be_bytes()).await;
                         let _ = s.write_all(&hello).await;
                         // Hold it until the node closes it.
                         let mut b = [0u8; 1024];
                         while !stop.load(Ordering::Relaxed) {
-                            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+                            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b))
+                                .await
+                            {
                                 Ok(Ok(0)) | Ok(Err(_)) => break,
                                 _ => {}
                             }
@@ -758,7 +762,9 @@ fn half_handshakes_held_from_100_addresses_do_not_lock_out_the_peers() {
     lab.start(0, ids[0], &opts());
     let stop = Arc::new(AtomicBool::new(false));
     let (st, cid) = (stop.clone(), opts().cluster_key());
-    let horde = in_netns(&ns, move || hold_half_handshakes(sources, 4, target, cid, st));
+    let horde = in_netns(&ns, move || {
+        hold_half_handshakes(sources, 4, target, cid, st)
+    });
     // Let the horde fill every slot first.
     std::thread::sleep(Duration::from_secs(3));
     let pid = lab.nodes[0].pid().unwrap();
@@ -801,7 +807,9 @@ fn a_token_holder_cannot_take_a_live_nodes_host_name_or_another_address() {
         lab.start(i, id, &opts());
     }
     wait_for(&lab, Duration::from_secs(40), "3 ready", |l| {
-        l.nodes.iter().all(|n| n.phase() == "ready" && n.members() == 3)
+        l.nodes
+            .iter()
+            .all(|n| n.phase() == "ready" && n.members() == 3)
     });
     let ns = lab.add_host("insider", "10.77.0.70", &[]);
     let token_file = lab.nodes[0].dir.join("token");
@@ -849,7 +857,9 @@ fn a_token_holder_cannot_take_a_live_nodes_host_name_or_another_address() {
         assert!(!n.ids_ever_named().contains(&"ffff-claimant".to_string()));
     }
     assert!(
-        lab.nodes[0].log().contains("authenticated with another key"),
+        lab.nodes[0]
+            .log()
+            .contains("authenticated with another key"),
         "{}",
         lab.dump()
     );
@@ -863,11 +873,11 @@ fn needles(secret: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     let mut v = vec![secret.trim().as_bytes().to_vec()];
     if secret.contains("-----BEGIN") {
-        let body: String = secret
+        let body: String = secret.lines().filter(|l| !l.starts_with("-----")).collect();
+        for line in secret
             .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect();
-        for line in secret.lines().filter(|l| !l.starts_with("-----") && l.len() >= 24) {
+            .filter(|l| !l.starts_with("-----") && l.len() >= 24)
+        {
             v.push(line.as_bytes().to_vec());
         }
         if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(body) {
@@ -906,7 +916,11 @@ fn capture_formation(engine: &'static str, servers: u32) {
     }
     std::thread::sleep(Duration::from_secs(2));
     let bytes = cap.finish();
-    assert!(bytes.len() > 10_000, "the capture caught little: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 10_000,
+        "the capture caught little: {} bytes",
+        bytes.len()
+    );
     let mut secrets: Vec<(String, String)> = token_forms()
         .into_iter()
         .map(|t| ("cluster token".to_string(), t))
@@ -924,24 +938,47 @@ fn capture_formation(engine: &'static str, servers: u32) {
             }
         }
         if let Ok(s) = std::fs::read_to_string(root.join("etc/rancher/k3s/config.yaml")) {
-            for l in s.lines().filter(|l| l.starts_with("token:") || l.starts_with("agent-token:")) {
-                let v = l.split_once(':').unwrap().1.trim().trim_matches('"').to_string();
+            for l in s
+                .lines()
+                .filter(|l| l.starts_with("token:") || l.starts_with("agent-token:"))
+            {
+                let v = l
+                    .split_once(':')
+                    .unwrap()
+                    .1
+                    .trim()
+                    .trim_matches('"')
+                    .to_string();
                 secrets.push((format!("k3s {l:.12}… of node {}", n.idx), v));
             }
         }
         let seed = std::fs::read_to_string(n.dir.join("state/node-key")).unwrap();
         secrets.push((format!("node key of node {}", n.idx), seed));
     }
-    let kinds: BTreeSet<&str> = secrets.iter().map(|(k, _)| k.split(" of ").next().unwrap()).collect();
-    eprintln!("{engine}: {} bytes captured; checked {} secrets: {kinds:?}", bytes.len(), secrets.len());
+    let kinds: BTreeSet<&str> = secrets
+        .iter()
+        .map(|(k, _)| k.split(" of ").next().unwrap())
+        .collect();
+    eprintln!(
+        "{engine}: {} bytes captured; checked {} secrets: {kinds:?}",
+        bytes.len(),
+        secrets.len()
+    );
     if engine == "etcd" {
         assert!(kinds.contains("var/lib/clutch/pki/ca.key"), "{kinds:?}");
     } else {
-        assert!(kinds.iter().any(|k| k.starts_with("k3s token")), "{kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k.starts_with("k3s token")),
+            "{kinds:?}"
+        );
     }
     for (what, s) in &secrets {
         for n in needles(s) {
-            assert!(!contains(&bytes, &n), "{what} crossed the wire ({} bytes matched)", n.len());
+            assert!(
+                !contains(&bytes, &n),
+                "{what} crossed the wire ({} bytes matched)",
+                n.len()
+            );
         }
     }
 }

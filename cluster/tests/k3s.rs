@@ -120,16 +120,25 @@ fn secure_token_formats() {
     assert_eq!(rest, "server:s3cret");
     let a = k3s::secure_token(CA, "node", "ag3nt");
     assert!(a.expose().ends_with("::node:ag3nt"));
-    assert!(!format!("{a:?}").contains("ag3nt"), "tokens are never printed");
+    assert!(
+        !format!("{a:?}").contains("ag3nt"),
+        "tokens are never printed"
+    );
     assert_eq!(k3s::api_name("lab"), "lab-api.local");
 }
 
 fn uid_gid() -> (String, String) {
     let id = |f: &str| {
-        String::from_utf8(std::process::Command::new("id").arg(f).output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_string()
+        String::from_utf8(
+            std::process::Command::new("id")
+                .arg(f)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
     };
     (id("-u"), id("-g"))
 }
@@ -229,7 +238,10 @@ fn the_leader_founds_agents_get_agent_tokens_and_servers_get_the_secrets() {
     let (ce, _) = engine_at(&croot, None);
     ce.join(&c, Role::Agent, &ai).unwrap();
     let ccfg = read(&croot, k3s::CONFIG);
-    assert!(!ccfg.contains(&secret), "the server secret reached an agent:\n{ccfg}");
+    assert!(
+        !ccfg.contains(&secret),
+        "the server secret reached an agent:\n{ccfg}"
+    );
     assert!(!croot.join("var/lib/clutch/k3s-secret").exists());
     check_golden_shape("agent", &read(&croot, k3s::UNIT_FILE));
 
@@ -251,7 +263,10 @@ fn the_leader_founds_agents_get_agent_tokens_and_servers_get_the_secrets() {
     be.join(&b, Role::Server, &si).unwrap();
     let bcfg = read(&broot, k3s::CONFIG);
     assert!(bcfg.contains("::server:"), "{bcfg}");
-    assert!(bcfg.contains(&format!("agent-token: \"{agent_secret}\"")), "{bcfg}");
+    assert!(
+        bcfg.contains(&format!("agent-token: \"{agent_secret}\"")),
+        "{bcfg}"
+    );
     check_golden_shape("server", &read(&broot, k3s::UNIT_FILE));
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(clutch_cluster::sys::under(&broot, k3s::CONFIG))
@@ -273,7 +288,12 @@ fn the_leader_founds_agents_get_agent_tokens_and_servers_get_the_secrets() {
         )
         .unwrap();
     let JoinInfo::K3s(dj) = di else { panic!() };
-    assert!(dj.token.unwrap().expose().ends_with(&format!("::node:{agent_secret}")));
+    assert!(
+        dj.token
+            .unwrap()
+            .expose()
+            .ends_with(&format!("::node:{agent_secret}"))
+    );
     assert_eq!(dj.server, b.addr);
 }
 
@@ -299,6 +319,9 @@ fn a_kubeconfig_link_planted_in_the_home_is_not_followed() {
     std::fs::write(clutch_cluster::sys::under(&root, k3s::KUBECONFIG), "k").unwrap();
     let (e, _) = engine_at(&root, Some("admin"));
     assert!(e.install_kubeconfig().is_err());
-    assert_eq!(std::fs::read_to_string(root.join("etc/shadow")).unwrap(), "root's secrets\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/shadow")).unwrap(),
+        "root's secrets\n"
+    );
     assert!(!root.join("etc/config").exists());
 }

@@ -135,7 +135,12 @@ async fn rejoin_after_reboot_and_replaced_node_and_rate_limit() {
         identity: &ident,
     };
     let target = SocketAddr::new(LO, ports[0]);
-    let ok = wire::client_handshake(TcpStream::connect(target).await.unwrap(), creds(TOKEN), target).await;
+    let ok = wire::client_handshake(
+        TcpStream::connect(target).await.unwrap(),
+        creds(TOKEN),
+        target,
+    )
+    .await;
     let mut ok = ok.expect("correct token authenticates");
     assert!(matches!(
         ok.request(&Request::Status).await.unwrap(),
@@ -143,12 +148,15 @@ async fn rejoin_after_reboot_and_replaced_node_and_rate_limit() {
     ));
     for _ in 0..5 {
         let s = from_127_0_0_2(target).await;
-        let r = wire::client_handshake(s, creds("wrong-token-0123456789abcdef0123456789"), target).await;
+        let r = wire::client_handshake(s, creds("wrong-token-0123456789abcdef0123456789"), target)
+            .await;
         assert!(r.is_err());
     }
     let s = from_127_0_0_2(target).await;
     assert!(
-        wire::client_handshake(s, creds(TOKEN), target).await.is_err(),
+        wire::client_handshake(s, creds(TOKEN), target)
+            .await
+            .is_err(),
         "source should be blocked after 5 failures"
     );
     drop(nodes);

@@ -49,10 +49,16 @@ fn power_on_together(n: usize, expected: u32, servers: u32) {
     for (i, id) in ids.iter().enumerate() {
         lab.start(i, id, &o);
     }
-    wait_for(&lab, Duration::from_secs(40), &format!("all {n} ready"), |l| {
-        l.nodes.iter().all(|n| n.phase() == "ready")
-    });
-    eprintln!("{n} nodes formed {:.1}s after power-on", t0.elapsed().as_secs_f64());
+    wait_for(
+        &lab,
+        Duration::from_secs(40),
+        &format!("all {n} ready"),
+        |l| l.nodes.iter().all(|n| n.phase() == "ready"),
+    );
+    eprintln!(
+        "{n} nodes formed {:.1}s after power-on",
+        t0.elapsed().as_secs_f64()
+    );
     let all: Vec<usize> = (0..n).collect();
     let (_, leader) = one_cluster(&lab, &all);
     assert_eq!(count_bootstrapped(&lab), 1, "{}", lab.dump());
@@ -100,14 +106,21 @@ fn three_nodes_form_a_real_etcd_cluster_with_tls() {
     wait_for(&lab, Duration::from_secs(90), "3 etcd members ready", |l| {
         l.nodes.iter().all(|n| n.phase() == "ready")
     });
-    eprintln!("etcd formed {:.1}s after power-on", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "etcd formed {:.1}s after power-on",
+        t0.elapsed().as_secs_f64()
+    );
     one_cluster(&lab, &[0, 1, 2]);
     assert_eq!(count_bootstrapped(&lab), 1, "{}", lab.dump());
     // etcdctl with no flags works on any member, and sees 3 started members that
     // advertise TLS client URLs.
     for n in &lab.nodes {
         let out = n.exec(&["etcdctl", "member", "list", "-w", "json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let members = v["members"].as_array().unwrap();
         assert_eq!(members.len(), 3, "{v}");
@@ -125,7 +138,11 @@ fn three_nodes_form_a_real_etcd_cluster_with_tls() {
         }
     }
     let put = lab.nodes[0].exec(&["etcdctl", "put", "clutch-test", "hello-from-0"]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let get = lab.nodes[2].exec(&["etcdctl", "get", "--print-value-only", "clutch-test"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "hello-from-0");
     // Through node 1's cluster address from node 2, with node 2's certificate.
@@ -179,7 +196,12 @@ fn check_outsider_gets_nothing(lab: &mut Lab) {
     }
     let ep = format!("--endpoints=https://{node}:2379");
     for args in [
-        vec!["member", "add", "evil", "--peer-urls=https://10.77.0.66:2380"],
+        vec![
+            "member",
+            "add",
+            "evil",
+            "--peer-urls=https://10.77.0.66:2380",
+        ],
         vec!["member", "list"],
         vec!["put", "owned", "yes"],
         vec!["get", "clutch-test"],
@@ -226,7 +248,12 @@ fn partition_minority_never_bootstraps_and_joins_after_heal() {
     std::thread::sleep(Duration::from_secs(5));
     for i in [3, 4] {
         let n = &lab.nodes[i];
-        assert_eq!(n.phases_seen(), vec!["discovering"], "minority node {i}\n{}", lab.dump());
+        assert_eq!(
+            n.phases_seen(),
+            vec!["discovering"],
+            "minority node {i}\n{}",
+            lab.dump()
+        );
         let w = n.last().unwrap()["waiting"].as_str().unwrap().to_string();
         assert!(w.contains("need quorum 3"), "{w}");
     }
@@ -234,9 +261,12 @@ fn partition_minority_never_bootstraps_and_joins_after_heal() {
     // Heal.
     lab.attach(3, "br0");
     lab.attach(4, "br0");
-    wait_for(&lab, Duration::from_secs(45), "all 5 ready after heal", |l| {
-        l.nodes.iter().all(|n| n.phase() == "ready")
-    });
+    wait_for(
+        &lab,
+        Duration::from_secs(45),
+        "all 5 ready after heal",
+        |l| l.nodes.iter().all(|n| n.phase() == "ready"),
+    );
     wait_for(&lab, Duration::from_secs(15), "member lists of 5", |l| {
         l.nodes.iter().all(|n| n.members() == 5)
     });
@@ -262,11 +292,18 @@ fn the_leaders_link_cut_right_after_its_votes_never_makes_a_second_cluster() {
     // As soon as a voter has promised its vote to v1 (kept on disk), v1 goes dark.
     let start = Instant::now();
     while !(1..3).any(|i| lab.nodes[i].last().is_some_and(|v| v["vote"] == "v1")) {
-        assert!(start.elapsed() < Duration::from_secs(40), "no vote\n{}", lab.dump());
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no vote\n{}",
+            lab.dump()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     lab.link(0, false);
-    eprintln!("cut v1's link {:.1}s after power-on", start.elapsed().as_secs_f64());
+    eprintln!(
+        "cut v1's link {:.1}s after power-on",
+        start.elapsed().as_secs_f64()
+    );
     // 60 s of darkness: the other two hold a quorum between them, but never bootstrap
     // a cluster of their own.
     let dark = Instant::now();
@@ -281,9 +318,12 @@ fn the_leaders_link_cut_right_after_its_votes_never_makes_a_second_cluster() {
         std::thread::sleep(Duration::from_millis(500));
     }
     lab.link(0, true);
-    wait_for(&lab, Duration::from_secs(40), "all 3 ready after the link returns", |l| {
-        l.nodes.iter().all(|n| n.phase() == "ready")
-    });
+    wait_for(
+        &lab,
+        Duration::from_secs(40),
+        "all 3 ready after the link returns",
+        |l| l.nodes.iter().all(|n| n.phase() == "ready"),
+    );
     let (_, leader) = one_cluster(&lab, &[0, 1, 2]);
     assert_eq!(leader, "v1");
     assert_eq!(count_bootstrapped(&lab), 1, "{}", lab.dump());
@@ -303,9 +343,12 @@ fn nodes_configured_for_another_size_never_count_toward_the_quorum() {
     }
     lab.start(3, "s1", &five);
     lab.start(4, "s2", &five);
-    wait_for(&lab, Duration::from_secs(40), "the 3-node cluster ready", |l| {
-        (0..3).all(|i| l.nodes[i].phase() == "ready" && l.nodes[i].members() == 3)
-    });
+    wait_for(
+        &lab,
+        Duration::from_secs(40),
+        "the 3-node cluster ready",
+        |l| (0..3).all(|i| l.nodes[i].phase() == "ready" && l.nodes[i].members() == 3),
+    );
     std::thread::sleep(Duration::from_secs(5));
     let (_, leader) = one_cluster(&lab, &[0, 1, 2]);
     assert_eq!(leader, "s3");
@@ -317,7 +360,10 @@ fn nodes_configured_for_another_size_never_count_toward_the_quorum() {
     }
     for i in 0..3 {
         let ids = lab.nodes[i].ids_ever_named();
-        assert!(!ids.contains(&"s1".to_string()) && !ids.contains(&"s2".to_string()), "{ids:?}");
+        assert!(
+            !ids.contains(&"s1".to_string()) && !ids.contains(&"s2".to_string()),
+            "{ids:?}"
+        );
     }
 }
 
@@ -333,7 +379,11 @@ fn a_node_that_reboots_mid_bootstrap_keeps_its_identity_and_its_vote() {
     }
     let start = Instant::now();
     while !lab.nodes[2].last().is_some_and(|v| v["vote"] == "k1") {
-        assert!(start.elapsed() < Duration::from_secs(40), "no vote\n{}", lab.dump());
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no vote\n{}",
+            lab.dump()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // k3 loses its power right after granting its vote, and k1 its link.
@@ -344,9 +394,12 @@ fn a_node_that_reboots_mid_bootstrap_keeps_its_identity_and_its_vote() {
     lab.start(2, "k3", &o);
     // Back up: it still holds its promise (from disk), so k2 and k3 together — a quorum —
     // still wait for k1.
-    wait_for(&lab, Duration::from_secs(10), "k3 reports its kept vote", |l| {
-        l.nodes[2].last().is_some_and(|v| v["vote"] == "k1")
-    });
+    wait_for(
+        &lab,
+        Duration::from_secs(10),
+        "k3 reports its kept vote",
+        |l| l.nodes[2].last().is_some_and(|v| v["vote"] == "k1"),
+    );
     std::thread::sleep(Duration::from_secs(8));
     for n in &lab.nodes[1..] {
         // A node may have enrolled in k1's plan before the cut; nobody founded another.
@@ -411,7 +464,10 @@ fn wrong_token_node_is_ignored_and_replay_is_rejected() {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&probe.stderr)));
     assert_eq!(v["authenticated"], false, "{v}");
     assert!(v.get("status").is_none(), "learned something: {v}");
-    assert!(lab.nodes[0].log().contains("authentication failed"), "failure not logged");
+    assert!(
+        lab.nodes[0].log().contains("authentication failed"),
+        "failure not logged"
+    );
 
     // Replay: a recorded genuine handshake replayed on a new connection is rejected.
     let good_token = lab.nodes[1].dir.join("token");

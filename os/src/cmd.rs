@@ -112,8 +112,7 @@ impl Redactor {
 
 fn quote(a: &str) -> String {
     let plain = !a.is_empty()
-        && a
-            .bytes()
+        && a.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&b));
     if plain {
         a.to_string()
@@ -214,7 +213,10 @@ mod tests {
     fn quoting_reads_as_a_shell_would() {
         let r = Redactor::new();
         assert_eq!(
-            r.describe("echo", &["a b".into(), "it's".into(), "".into(), "k=v".into()]),
+            r.describe(
+                "echo",
+                &["a b".into(), "it's".into(), "".into(), "k=v".into()]
+            ),
             "echo 'a b' 'it'\\''s' '' k=v"
         );
     }
@@ -228,7 +230,10 @@ mod tests {
                 &[],
             )
             .unwrap();
-        assert_eq!((o.code, o.stdout.as_str(), o.stderr.as_str()), (3, "out\n", "err\n"));
+        assert_eq!(
+            (o.code, o.stdout.as_str(), o.stderr.as_str()),
+            (3, "out\n", "err\n")
+        );
         assert!(RealRunner.run("/nonexistent/prog", &[], &[]).is_err());
     }
 

@@ -135,8 +135,7 @@ fn finish_file(
     }
     f.write_all(data)
         .map_err(|e| WriteError::new("writing", tmp, e))?;
-    f.sync_all()
-        .map_err(|e| WriteError::new("fsync", tmp, e))
+    f.sync_all().map_err(|e| WriteError::new("fsync", tmp, e))
 }
 
 /// Like [`write_atomic`] but leaves the file alone when it already holds `data` with `mode`.
@@ -269,14 +268,19 @@ pub fn write_in_user_dir(
     .map_err(|e| WriteError::new("creating", &tmp_path, errno(e)))?;
     let mut f = File::from(fd);
     let unlink_tmp = |sub_fd: &OwnedFd| {
-        let _ = nix::unistd::unlinkat(sub_fd, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        let _ = nix::unistd::unlinkat(
+            sub_fd,
+            tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
     };
     if let Err(e) = finish_file(&mut f, &tmp_path, &dest, data, mode, Some(owner)) {
         unlink_tmp(&sub_fd);
         return Err(e);
     }
     drop(f);
-    if let Err(e) = nix::fcntl::renameat2(&sub_fd, tmp.as_str(), &sub_fd, name, RenameFlags::empty())
+    if let Err(e) =
+        nix::fcntl::renameat2(&sub_fd, tmp.as_str(), &sub_fd, name, RenameFlags::empty())
     {
         unlink_tmp(&sub_fd);
         return Err(WriteError::new("renaming into", &dest, errno(e)));
@@ -356,7 +360,10 @@ mod tests {
     }
 
     fn me() -> (u32, u32) {
-        (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
     }
 
     #[test]

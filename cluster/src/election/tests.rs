@@ -286,7 +286,10 @@ fn an_existing_cluster_means_join_and_two_mean_neither() {
     a.cluster = Some(i1.clone());
     a.phase = Phase::Ready;
     a.role = Role::Server;
-    assert_eq!(e.step(Instant::now(), &view(&d, &p)), Decision::Join(id("a")));
+    assert_eq!(
+        e.step(Instant::now(), &view(&d, &p)),
+        Decision::Join(id("a"))
+    );
     p.get_mut(&id("b")).unwrap().cluster = Some(i2.clone());
     match e.step(Instant::now(), &view(&d, &p)) {
         Decision::Conflict(w) => {
@@ -319,18 +322,27 @@ fn an_existing_cluster_means_join_and_two_mean_neither() {
 fn votes() {
     let d = Durable::default();
     assert!(consider_vote(&d, &id("a"), &id("a")).is_ok());
-    assert!(consider_vote(&d, &id("b"), &id("a")).is_err(), "knows lower id");
+    assert!(
+        consider_vote(&d, &id("b"), &id("a")).is_err(),
+        "knows lower id"
+    );
     let d = Durable {
         vote: Some(id("a")),
         ..Durable::default()
     };
-    assert!(consider_vote(&d, &id("a"), &id("a")).is_ok(), "same candidate");
+    assert!(
+        consider_vote(&d, &id("a"), &id("a")).is_ok(),
+        "same candidate"
+    );
     assert!(consider_vote(&d, &id("b"), &id("b")).is_err(), "promised");
     let d = Durable {
         cluster: Some(InstanceId::generate()),
         ..Durable::default()
     };
-    assert!(consider_vote(&d, &id("a"), &id("a")).is_err(), "cluster exists");
+    assert!(
+        consider_vote(&d, &id("a"), &id("a")).is_err(),
+        "cluster exists"
+    );
 }
 
 #[test]
@@ -342,7 +354,11 @@ fn two_candidates_cannot_both_win_a_majority() {
         let mut voters: Vec<Durable> = (0..5).map(|_| Durable::default()).collect();
         let (mut va, mut vb) = (0, 0);
         for (i, v) in voters.iter_mut().enumerate() {
-            let lowest = if order & (1 << i) != 0 { &ids[0] } else { &ids[1] };
+            let lowest = if order & (1 << i) != 0 {
+                &ids[0]
+            } else {
+                &ids[1]
+            };
             let first_a = (order >> i) & 1 == 0;
             let cands = if first_a {
                 [&ids[0], &ids[1]]
@@ -352,11 +368,7 @@ fn two_candidates_cannot_both_win_a_majority() {
             for c in cands {
                 if consider_vote(v, c, lowest.min(c)).is_ok() {
                     v.vote = Some(c.clone());
-                    if *c == ids[0] {
-                        va += 1
-                    } else {
-                        vb += 1
-                    }
+                    if *c == ids[0] { va += 1 } else { vb += 1 }
                 }
             }
         }
@@ -370,10 +382,16 @@ fn admissions_serialise_joins() {
     let t0 = Instant::now();
     assert!(a.begin(&id("x"), t0).is_ok());
     assert_eq!(a.begin(&id("y"), t0), Err(id("x")));
-    assert!(a.begin(&id("x"), t0).is_ok(), "the pending joiner may retry");
+    assert!(
+        a.begin(&id("x"), t0).is_ok(),
+        "the pending joiner may retry"
+    );
     a.finish(&id("x"));
     assert!(a.begin(&id("y"), t0).is_ok());
-    assert!(a.begin(&id("z"), t0 + Duration::from_secs(61)).is_ok(), "timed out");
+    assert!(
+        a.begin(&id("z"), t0 + Duration::from_secs(61)).is_ok(),
+        "timed out"
+    );
     assert_eq!(a.pending(), Some(&id("z")));
 }
 

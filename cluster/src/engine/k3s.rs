@@ -65,14 +65,19 @@ pub struct K3sJoin {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum K3sMode {
     /// First server: `server --cluster-init` with the plain secrets.
-    Init { secrets: ServerSecrets },
+    Init {
+        secrets: ServerSecrets,
+    },
     /// Further server joining `server_url` with the full secure token.
     Server {
         server_url: String,
         token: Secret,
         agent_secret: Secret,
     },
-    Agent { server_url: String, token: Secret },
+    Agent {
+        server_url: String,
+        token: Secret,
+    },
 }
 
 /// The mDNS name every server answers (tls-san and registration name).
@@ -400,7 +405,8 @@ impl Engine for K3sEngine {
         if let Admission::Runtime { replaces, .. } = how {
             for s in replaces {
                 // A replaced node: drop its old Kubernetes node object.
-                let _ = self.kubectl(&["delete", "node", s.hostname.as_str(), "--ignore-not-found"]);
+                let _ =
+                    self.kubectl(&["delete", "node", s.hostname.as_str(), "--ignore-not-found"]);
             }
         }
         Ok(JoinInfo::K3s(self.join_info(me, role)?))

@@ -7,14 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::poller::authed_ids;
 use super::Shared;
+use super::poller::authed_ids;
+use crate::Error;
 use crate::election::{self, Backoff, Decision, Election, PeerView, Rules, View};
 use crate::engine::{Admission, JoinInfo, Joiner};
 use crate::id::{InstanceId, NodeId, Phase, Role};
 use crate::state::Membership;
 use crate::wire::{Bootstrap, MemberInfo, MemberList, Request, Response};
-use crate::Error;
 
 fn views(sh: &Shared) -> BTreeMap<NodeId, PeerView> {
     sh.st
@@ -200,7 +200,10 @@ async fn blocking<T: Send + 'static>(
 /// The leader starts the cluster from its plan: what the cluster shares first, then itself
 /// as a member of the plan.
 async fn found(sh: &Arc<Shared>, plan: Bootstrap) -> Result<(), Error> {
-    let mine = plan.member(sh.me()).cloned().expect("the leader is in its plan");
+    let mine = plan
+        .member(sh.me())
+        .cloned()
+        .expect("the leader is in its plan");
     set_phase(
         sh,
         Phase::Bootstrapping,
@@ -285,7 +288,10 @@ async fn enroll(sh: &Arc<Shared>, from: &NodeId, plan: &Bootstrap) -> Attempt {
         Phase::Bootstrapping,
         mine,
         Some(plan.leader.clone()),
-        format!("listed in the plan of {}; enrolling with {from}", plan.leader),
+        format!(
+            "listed in the plan of {}; enrolling with {from}",
+            plan.leader
+        ),
     );
     let resp = async {
         let mut c = sh.connect(addr).await?;

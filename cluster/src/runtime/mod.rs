@@ -14,6 +14,7 @@ use clutch_config::Hostname;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use crate::FormationConfig;
 use crate::discovery::{Discovery, PeerTable};
 use crate::election::Admissions;
 use crate::engine::{Engine, LocalNode};
@@ -24,7 +25,6 @@ use crate::session::Channel;
 use crate::state::{Durable, Membership, StateError, Store};
 use crate::status::{Status, StatusSink};
 use crate::wire::{self, MemberList, PeerStatus, WireError};
-use crate::FormationConfig;
 
 pub(crate) use formation::{elect_and_join, resume};
 pub(crate) use poller::poller;
@@ -207,12 +207,10 @@ impl Shared {
 
     /// Open an authenticated, encrypted session to `addr`.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Channel<TcpStream>, WireError> {
-        let stream = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| WireError::Timeout)??;
+        let stream =
+            tokio::time::timeout(std::time::Duration::from_secs(2), TcpStream::connect(addr))
+                .await
+                .map_err(|_| WireError::Timeout)??;
         let ch = wire::client_handshake(stream, self.creds(), addr).await?;
         if !pin(&mut self.st.lock().unwrap(), ch.peer(), ch.peer_key()) {
             tracing::warn!(%addr, peer = %ch.peer(), "peer presented another key than before for its node id");

@@ -48,10 +48,7 @@ fn poll_targets(sh: &Shared) -> Vec<Vec<SocketAddr>> {
     v
 }
 
-async fn status_over(
-    sh: &Shared,
-    ch: &mut Channel<TcpStream>,
-) -> Result<PeerStatus, WireError> {
+async fn status_over(sh: &Shared, ch: &mut Channel<TcpStream>) -> Result<PeerStatus, WireError> {
     ch.send(&Request::Status).await?;
     match ch.recv(sh.cfg.peer_timeout).await? {
         Response::Status(s) if &s.node_id == ch.peer() => Ok(*s),
@@ -173,9 +170,9 @@ pub(crate) async fn poller(sh: Arc<Shared>) {
             if watchers.0.len() >= MAX_WATCHERS {
                 break;
             }
-            if !watchers.0.contains_key(&t) {
-                let h = tokio::spawn(watch(sh.clone(), t.clone()));
-                watchers.0.insert(t, h);
+            if let std::collections::btree_map::Entry::Vacant(e) = watchers.0.entry(t) {
+                let h = tokio::spawn(watch(sh.clone(), e.key().clone()));
+                e.insert(h);
             }
         }
         let changed = {

@@ -262,9 +262,20 @@ impl Lab {
             "ip", "-n", &self.hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
             "netns", &ns,
         ]);
-        sh(&["ip", "-n", &self.hub, "link", "set", &port, "master", "br0", "up"]);
+        sh(&[
+            "ip", "-n", &self.hub, "link", "set", &port, "master", "br0", "up",
+        ]);
         for a in std::iter::once(ip.to_string()).chain(extra.iter().cloned()) {
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                "eth0",
+            ]);
         }
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
@@ -287,7 +298,9 @@ impl Lab {
     /// Capture every frame on bridge `br0` into `file` (tcpdump in the hub namespace).
     pub fn capture(&self, file: &Path) -> Capture {
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.hub, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w"])
+            .args([
+                "netns", "exec", &self.hub, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+            ])
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -138,8 +138,7 @@ pub fn plan_admit(list: &[EtcdMember], joiner: &Joiner, replaces: &[MemberInfo])
     let url = peer_url(joiner.addr);
     if replaces.is_empty() {
         let own = list.iter().find(|m| {
-            m.peer_urls.contains(&url)
-                && (m.name.is_empty() || m.name == joiner.hostname.as_str())
+            m.peer_urls.contains(&url) && (m.name.is_empty() || m.name == joiner.hostname.as_str())
         });
         if let Some(m) = own {
             let duplicate = list

@@ -159,7 +159,11 @@ impl EtcdEngine {
         j: &EtcdJoin,
         member: Option<u64>,
     ) -> Result<(), EngineError> {
-        let (ca, cert, key) = (self.tls("ca.crt"), self.tls("node.crt"), self.tls("node.key"));
+        let (ca, cert, key) = (
+            self.tls("ca.crt"),
+            self.tls("node.crt"),
+            self.tls("node.key"),
+        );
         let text = env::render_env(&EnvSpec {
             cluster_name: &me.cluster_name,
             name: &me.hostname,
@@ -343,7 +347,10 @@ impl EtcdEngine {
             // The cut-short join got as far as etcd's WAL: this member's raft state, which
             // the cluster may count on.
             ClusterState::Existing => {
-                j.rejoin && j.member_id.is_some() && self.env_member() == j.member_id && self.has_wal()
+                j.rejoin
+                    && j.member_id.is_some()
+                    && self.env_member() == j.member_id
+                    && self.has_wal()
             }
         };
         if keep {
@@ -406,9 +413,13 @@ impl Engine for EtcdEngine {
                 ClusterState::New,
                 plan.instance.clone(),
             ),
-            Admission::Runtime { instance, .. } if role != Role::Server => {
-                (vec![], None, false, ClusterState::Existing, instance.clone())
-            }
+            Admission::Runtime { instance, .. } if role != Role::Server => (
+                vec![],
+                None,
+                false,
+                ClusterState::Existing,
+                instance.clone(),
+            ),
             Admission::Runtime { replaces, instance } => {
                 let (ic, id, rejoin) = self.admit_runtime(joiner, replaces)?;
                 (ic, id, rejoin, ClusterState::Existing, instance.clone())
