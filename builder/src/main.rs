@@ -69,6 +69,8 @@ enum Cmd {
     },
     /// List the host tools a build needs and whether each is present.
     Doctor,
+    /// Print a new random cluster token (256 bits, as 64 hex digits) on stdout.
+    Token,
     /// A local lab: N VMs of a built amd64 image in a private network namespace.
     Lab {
         #[command(subcommand)]
@@ -196,6 +198,10 @@ fn run(cli: Cli) -> Result<bool> {
         }
         Cmd::Check { config, data_dir } => {
             let (_, cfg, board) = data::load(data_dir.as_deref(), &config)?;
+            let text = std::fs::read_to_string(&config)?;
+            for w in clutch_config::warnings(&config, &text, &cfg) {
+                eprintln!("clutch: warning: {w}");
+            }
             println!(
                 "{}: ok (board {}, {} {})",
                 config.display(),
@@ -223,6 +229,11 @@ fn run(cli: Cli) -> Result<bool> {
                 println!("warning: {w}");
             }
             Ok(ok)
+        }
+        Cmd::Token => {
+            let bytes: [u8; 32] = rand::random();
+            println!("{}", hex::encode(bytes));
+            Ok(true)
         }
         Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Serve { dir, listen } => {

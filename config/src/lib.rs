@@ -56,6 +56,30 @@ fn parse_checked<T: serde::de::DeserializeOwned>(
     Ok(v)
 }
 
+/// Things in a valid image config that deserve a word (a hand-made cluster token), each
+/// located like an error.
+pub fn warnings(path: &Path, text: &str, cfg: &ImageConfig) -> Vec<Diagnostic> {
+    let mut w = Vec::new();
+    if let Some(c) = &cfg.cluster {
+        if let Some(why) = c.token.as_ref().and_then(Token::weakness) {
+            let key = if c.token_file.is_some() {
+                "cluster.token_file"
+            } else {
+                "cluster.token"
+            };
+            w.push(diag::locate(
+                path,
+                text,
+                Invalid::new(
+                    key,
+                    format!("this token looks made by hand ({why}); make one with `clutch token`"),
+                ),
+            ));
+        }
+    }
+    w
+}
+
 /// Parses and validates an image config; `*_file` secrets are read relative to its folder.
 pub fn parse_image_config(path: &Path, text: &str) -> Result<ImageConfig, ConfigError> {
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();

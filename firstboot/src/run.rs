@@ -100,7 +100,7 @@ pub fn run(
                 cluster: cluster.clone(),
                 token: token.clone(),
                 node_id: the_plan.node_id.clone(),
-                hostname: the_plan.hostname.to_string(),
+                hostname: the_plan.hostname.clone(),
                 state_dir: paths.state(""),
                 root: paths.root.clone(),
                 admin_user: the_plan.user.clone(),
