@@ -91,8 +91,9 @@ fn me_as_member(sh: &Shared, role: Role) -> MemberInfo {
 /// Ask the set for votes (after keeping our own on disk); the voters' entries when a
 /// quorum (ourselves included) granted.
 async fn gather_votes(sh: &Arc<Shared>, set: &[NodeId]) -> Result<Vec<MemberInfo>, String> {
-    sh.update_durable(|d| d.vote = Some(sh.me().clone()))
-        .map_err(|e| e.to_string())?;
+    // Our own vote first, by the same rule as anyone's (it may have gone to another
+    // candidate since the election step looked).
+    sh.grant_vote(sh.me())?;
     let targets: Vec<(NodeId, SocketAddr)> = {
         let st = sh.st.lock().unwrap();
         set.iter()

@@ -124,6 +124,29 @@ impl Shared {
         Ok(())
     }
 
+    /// Promise our bootstrap vote to `candidate` if the rules allow it; the check and the
+    /// write happen under one lock, so two candidates asking at once cannot both get it.
+    pub fn grant_vote(&self, candidate: &NodeId) -> Result<(), String> {
+        let mut st = self.st.lock().unwrap();
+        let lowest = st
+            .authed
+            .keys()
+            .chain(std::iter::once(self.me()))
+            .min()
+            .expect("non-empty")
+            .clone();
+        crate::election::consider_vote(&st.durable, candidate, &lowest)?;
+        if st.durable.vote.as_ref() != Some(candidate) {
+            let mut d = st.durable.clone();
+            d.vote = Some(candidate.clone());
+            self.store
+                .save_durable(&d)
+                .map_err(|e| format!("cannot keep the vote on disk: {e}"))?;
+            st.durable = d;
+        }
+        Ok(())
+    }
+
     fn seen(&self) -> usize {
         let mut ids: Vec<NodeId> = self
             .peers

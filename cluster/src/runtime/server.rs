@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use super::{Shared, pin};
-use crate::election::{consider_vote, role_for_joiner};
+use crate::election::role_for_joiner;
 use crate::engine::{Admission, Joiner};
 use crate::id::{NodeId, NodeKey, Phase, Role};
 use crate::limits::{Admit, HandshakeSlots, SlotId};
@@ -145,16 +145,6 @@ async fn handle_conn(stream: TcpStream, ip: IpAddr, sh: Arc<Shared>, guard: Slot
     }
 }
 
-fn lowest_known(sh: &Shared) -> NodeId {
-    let st = sh.st.lock().unwrap();
-    st.authed
-        .keys()
-        .chain(std::iter::once(sh.me()))
-        .min()
-        .expect("non-empty")
-        .clone()
-}
-
 async fn handle_request(
     sh: &Arc<Shared>,
     peer: &NodeId,
@@ -210,23 +200,15 @@ async fn handle_request(
 }
 
 fn vote(sh: &Shared, candidate: &NodeId) -> Response {
-    let lowest = lowest_known(sh);
-    let d = sh.st.lock().unwrap().durable.clone();
-    match consider_vote(&d, candidate, &lowest) {
-        Ok(()) => match sh.update_durable(|d| d.vote = Some(candidate.clone())) {
-            Ok(()) => {
-                tracing::info!(%candidate, "granted bootstrap vote (kept on disk)");
-                sh.report();
-                Response::Vote {
-                    granted: true,
-                    reason: String::new(),
-                }
+    match sh.grant_vote(candidate) {
+        Ok(()) => {
+            tracing::info!(%candidate, "granted bootstrap vote (kept on disk)");
+            sh.report();
+            Response::Vote {
+                granted: true,
+                reason: String::new(),
             }
-            Err(e) => Response::Vote {
-                granted: false,
-                reason: format!("cannot keep the vote on disk: {e}"),
-            },
-        },
+        }
         Err(reason) => Response::Vote {
             granted: false,
             reason,
