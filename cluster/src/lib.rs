@@ -51,6 +51,7 @@ pub mod handshake;
 pub mod id;
 pub mod limits;
 pub mod pki;
+pub mod rollout;
 mod runtime;
 pub mod secret;
 pub mod session;

@@ -6,6 +6,7 @@ pub mod account;
 pub mod board;
 pub mod diag;
 pub mod phase;
+pub mod release;
 pub mod schema;
 pub mod types;
 pub mod zone;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 pub use board::{Board, TEMPLATE_PLACEHOLDERS};
 pub use diag::{Diagnostic, Invalid, KeyPath};
 pub use phase::Phase;
+pub use release::Release;
 pub use schema::*;
 pub use types::*;
 

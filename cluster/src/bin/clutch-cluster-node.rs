@@ -124,7 +124,9 @@ impl clutch_cluster::sys::ServiceManager for NoServices {
     }
 }
 
-fn engine(a: &HashMap<String, String>) -> Box<dyn clutch_cluster::Engine> {
+fn engine(
+    a: &HashMap<String, String>,
+) -> (Box<dyn clutch_cluster::Engine>, Option<Arc<ChildServices>>) {
     let root = PathBuf::from(&a["root"]);
     match a.get("engine").map(String::as_str) {
         Some("etcd") => {
@@ -141,19 +143,19 @@ fn engine(a: &HashMap<String, String>) -> Box<dyn clutch_cluster::Engine> {
                     log: root.join("etcd.log"),
                 },
             );
-            let mut e = EtcdEngine::new(
-                root,
-                Arc::new(ChildServices::new(units)),
-                Arc::new(RealRunner),
-            );
+            let services = Arc::new(ChildServices::new(units));
+            let mut e = EtcdEngine::new(root, services.clone(), Arc::new(RealRunner));
             e.health_timeout = Duration::from_secs(60);
-            Box::new(e)
+            (Box::new(e), Some(services))
         }
         Some("k3s") => {
             let runner = Arc::new(FakeK3s { root: root.clone() });
-            Box::new(K3sEngine::new(root, Arc::new(NoServices), runner, None))
+            (
+                Box::new(K3sEngine::new(root, Arc::new(NoServices), runner, None)),
+                None,
+            )
         }
-        _ => Box::new(NoneEngine),
+        _ => (Box::new(NoneEngine), None),
     }
 }
 
@@ -183,8 +185,43 @@ async fn node(a: HashMap<String, String>) {
         seeds: vec![],
         addr: None,
     };
-    match form(cfg, engine(&a), sink.clone()).await {
+    let (eng, services) = engine(&a);
+    let host = cfg.hostname.clone();
+    match form(cfg, eng, sink.clone()).await {
         Ok(outcome) => {
+            if let Some(trigger) = a.get("rollout-trigger") {
+                let sim = rollout::Sim {
+                    trigger: PathBuf::from(trigger),
+                    root: PathBuf::from(&a["root"]),
+                    down: Duration::from_millis(
+                        a.get("rollout-down-ms")
+                            .map_or(3000, |v| v.parse().unwrap()),
+                    ),
+                    ttl: Duration::from_secs(
+                        a.get("rollout-ttl-s").map_or(600, |v| v.parse().unwrap()),
+                    ),
+                    me: clutch_cluster::rollout::Me {
+                        node_id: a["id"].parse().unwrap(),
+                        hostname: host,
+                        addr: outcome
+                            .members
+                            .iter()
+                            .find(|m| m.node_id.as_str() == a["id"])
+                            .map(|m| m.addr)
+                            .expect("this node is a member"),
+                    },
+                    role: outcome.role,
+                    servers: outcome
+                        .members
+                        .iter()
+                        .filter(|m| m.role == clutch_cluster::Role::Server)
+                        .map(|m| m.addr)
+                        .collect(),
+                    services: services.clone(),
+                    sink: sink.clone(),
+                };
+                std::thread::spawn(move || sim.run());
+            }
             {
                 use std::io::Write;
                 let mut f = sink.0.lock().unwrap();
@@ -205,6 +242,145 @@ async fn node(a: HashMap<String, String>) {
             let mut f = sink.0.lock().unwrap();
             let _ = writeln!(f, "{}", serde_json::json!({"error": e.to_string()}));
             std::process::exit(1);
+        }
+    }
+}
+
+/// A rolling update, simulated on a netns node: the update is real coordination through
+/// etcd, the "reboot" stops etcd for a while and starts it again on the same data, and a
+/// release named `bad-*` fails on its new slot (it is rolled back and marked bad).
+mod rollout {
+    use super::*;
+    use clutch_cluster::rollout::etcd::{EtcdCoordinator, TlsClient};
+    use clutch_cluster::rollout::{Acquired, Coordinator, Me, acquire};
+
+    pub struct Sim {
+        pub trigger: PathBuf,
+        pub root: PathBuf,
+        pub down: Duration,
+        pub ttl: Duration,
+        pub me: Me,
+        pub role: clutch_cluster::Role,
+        pub servers: Vec<std::net::IpAddr>,
+        pub services: Option<Arc<ChildServices>>,
+        pub sink: Arc<FileSink>,
+    }
+
+    fn ms() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    }
+
+    impl Sim {
+        fn log(&self, v: serde_json::Value) {
+            use std::io::Write;
+            let mut v = v;
+            v["at_ms"] = serde_json::json!(ms());
+            let mut f = self.sink.0.lock().unwrap();
+            let _ = writeln!(f, "{}", serde_json::json!({ "rollout": v }));
+            let _ = f.flush();
+        }
+
+        fn coordinator(&self) -> EtcdCoordinator {
+            let tls = self.root.join("var/lib/etcd/clutch-tls");
+            let server = self.role == clutch_cluster::Role::Server;
+            EtcdCoordinator {
+                runner: Arc::new(RealRunner),
+                etcdctl: "etcdctl".into(),
+                endpoints: if server {
+                    vec!["http://127.0.0.1:2379".into()]
+                } else {
+                    self.servers
+                        .iter()
+                        .map(|a| clutch_cluster::engine::etcd::env::client_url(*a))
+                        .collect()
+                },
+                tls: Some(TlsClient {
+                    ca: tls.join("ca.crt"),
+                    cert: tls.join("node.crt"),
+                    key: tls.join("node.key"),
+                }),
+                ttl: self.ttl,
+                agent_budget: 1,
+            }
+        }
+
+        fn healthy(&self) -> bool {
+            let out = std::process::Command::new("etcdctl")
+                .args([
+                    "--endpoints=http://127.0.0.1:2379",
+                    "--command-timeout=2s",
+                    "endpoint",
+                    "health",
+                ])
+                .output();
+            out.is_ok_and(|o| o.status.success())
+        }
+
+        pub fn run(self) {
+            let text = loop {
+                if let Ok(t) = std::fs::read_to_string(&self.trigger) {
+                    break t.trim().to_string();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            let release: clutch_config::Release = text.as_str().try_into().unwrap();
+            let c = self.coordinator();
+            let server = self.role == clutch_cluster::Role::Server;
+            let mut last = String::new();
+            let got = acquire(
+                &c,
+                &self.me,
+                self.role,
+                &release,
+                Duration::from_secs(300),
+                Duration::from_millis(500),
+                &mut |why| {
+                    if why != last {
+                        last = why.to_string();
+                        self.log(serde_json::json!({"waiting": why}));
+                    }
+                },
+            );
+            let t = match got {
+                Ok(Acquired::Go(t)) => t,
+                Ok(Acquired::Bad(b)) => {
+                    self.log(serde_json::json!({"skipped_bad": release.to_string(), "by": b.hostname.to_string()}));
+                    return;
+                }
+                Ok(Acquired::NotNow(why)) => {
+                    self.log(serde_json::json!({"gave_up": why}));
+                    return;
+                }
+                Err(e) => {
+                    self.log(serde_json::json!({"error": e.to_string()}));
+                    return;
+                }
+            };
+            self.log(serde_json::json!({"down": release.to_string()}));
+            if let (true, Some(s)) = (server, &self.services) {
+                let _ = clutch_cluster::sys::ServiceManager::stop(s.as_ref(), "etcd");
+            }
+            std::thread::sleep(self.down);
+            if let (true, Some(s)) = (server, &self.services) {
+                let _ = clutch_cluster::sys::ServiceManager::restart(s.as_ref(), "etcd");
+                let start = std::time::Instant::now();
+                while !self.healthy() && start.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            if release.as_str().starts_with("bad") {
+                // The new slot never got to ready: rolled back; stop the rollout.
+                let _ = c.mark_bad(&self.me, &release, "did not reach ready on the new slot");
+                self.log(serde_json::json!({"rolled_back": release.to_string()}));
+            } else {
+                let _ = c.keep(&t);
+                self.log(serde_json::json!({"up": release.to_string()}));
+            }
+            let r = c.release(&t);
+            self.log(serde_json::json!({"released": r.is_ok()}));
         }
     }
 }

@@ -282,6 +282,17 @@ impl Lab {
         ns
     }
 
+    /// Cut node `i`'s power: every process in its namespace (the node and its etcd) ends.
+    pub fn power_off(&mut self, i: usize) {
+        let ns = self.nodes[i].ns.clone();
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        self.nodes[i].kill();
+    }
+
     /// Cut (`false`) or restore (`true`) node `i`'s link at the bridge.
     pub fn link(&self, i: usize, up: bool) {
         sh(&[
@@ -336,6 +347,18 @@ impl Lab {
     /// Start node `i` with node id `id` and host name `host` (its state dir is kept across
     /// starts: a restart is a reboot).
     pub fn start_as(&mut self, i: usize, id: &str, host: &str, o: &NodeOpts) {
+        self.start_with(i, id, host, o, &[])
+    }
+
+    /// [`Lab::start_as`] with extra `--key value` arguments for the helper.
+    pub fn start_with(
+        &mut self,
+        i: usize,
+        id: &str,
+        host: &str,
+        o: &NodeOpts,
+        extra: &[(&str, String)],
+    ) {
         let node = &mut self.nodes[i];
         node.id = id.to_string();
         let token_file = node.dir.join("token");
@@ -366,6 +389,7 @@ impl Lab {
                     ("--status-file", node.status_file().display().to_string()),
                 ]
                 .into_iter()
+                .chain(extra.iter().cloned())
                 .flat_map(|(k, v)| [k.to_string(), v]),
             )
             .collect();
