@@ -82,6 +82,9 @@ pub struct WaitOpts {
     pub live_every: Duration,
     /// How long confirming waits for a node's access channel before its console line counts.
     pub live_grace: Duration,
+    /// How long a node's VM may be off before the wait gives up on it (a power cycle, as
+    /// `lab kill` + `lab start` do, takes a few seconds).
+    pub stopped_grace: Duration,
 }
 
 impl WaitOpts {
@@ -92,6 +95,7 @@ impl WaitOpts {
             poll: Duration::from_secs(1),
             live_every: Duration::from_secs(5),
             live_grace: Duration::from_secs(90),
+            stopped_grace: Duration::from_secs(20),
         }
     }
 }
@@ -141,9 +145,21 @@ pub fn wait(obs: &dyn Observer, clock: &dyn Clock, o: &WaitOpts) -> WaitOutcome 
     // When every console first showed the phase, and when status.json was last asked.
     let mut all_since: Option<Duration> = None;
     let mut asked_at: Option<Duration> = None;
+    let mut off_since: Vec<Option<Duration>> = vec![None; n];
     loop {
         let g: Vec<Glance> = (0..n).map(|i| obs.glance(i)).collect();
-        if let Some(i) = g.iter().position(|x| !x.running) {
+        let t = clock.elapsed();
+        for (x, since) in g.iter().zip(off_since.iter_mut()) {
+            *since = if x.running {
+                None
+            } else {
+                Some(since.unwrap_or(t))
+            };
+        }
+        if let Some(i) = off_since
+            .iter()
+            .position(|s| s.is_some_and(|s| t.saturating_sub(s) >= o.stopped_grace))
+        {
             return WaitOutcome::Stopped {
                 node: i,
                 rows: obs.statuses(),
@@ -568,14 +584,53 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_that_dies_ends_the_wait() {
+    fn a_vm_that_stays_off_ends_the_wait() {
         let (mut s, c) = script(vec![vec![(0, DISC, None)], vec![(0, DISC, None)]]);
         s.stopped_at = Some((1, 77));
         let out = wait(&s, &c, &opts(Phase::Ready));
-        assert!(
-            matches!(out, WaitOutcome::Stopped { node: 1, .. }),
-            "{out:?}"
-        );
+        let WaitOutcome::Stopped { node: 1, after, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(after.as_secs(), 97, "off for the 20s grace");
+    }
+
+    #[test]
+    fn a_power_cycle_within_the_grace_is_waited_through() {
+        // node1 is off from 100s to 110s (killed, powered on again), then joins.
+        struct Cycle(Script);
+        impl Observer for Cycle {
+            fn nodes(&self) -> usize {
+                self.0.nodes()
+            }
+            fn name(&self, i: usize) -> String {
+                self.0.name(i)
+            }
+            fn glance(&self, i: usize) -> Glance {
+                let mut g = self.0.glance(i);
+                let t = self.0.clock.get();
+                g.running = !(i == 1 && (100..110).contains(&t));
+                g
+            }
+            fn statuses(&self) -> Vec<NodeStatus> {
+                self.0.statuses()
+            }
+            fn console_tail(&self, i: usize, n: usize) -> (String, String) {
+                self.0.console_tail(i, n)
+            }
+        }
+        let (s, c) = script(vec![
+            vec![(0, READY3, Some("ready"))],
+            vec![
+                (0, JOIN, Some("joining")),
+                (110, BOOT, None),
+                (200, READY3, Some("ready")),
+            ],
+        ]);
+        let out = wait(&Cycle(s), &c, &opts(Phase::Ready));
+        let WaitOutcome::Reached { after, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(after.as_secs(), 200);
     }
 
     #[test]
