@@ -82,6 +82,8 @@ pub struct WaitOpts {
     pub live_every: Duration,
     /// How long confirming waits for a node's access channel before its console line counts.
     pub live_grace: Duration,
+    /// How long a failed node's access channel gets to answer, for its error in full.
+    pub failed_grace: Duration,
     /// How long a node's VM may be off before the wait gives up on it (a power cycle, as
     /// `lab kill` + `lab start` do, takes a few seconds).
     pub stopped_grace: Duration,
@@ -96,6 +98,7 @@ impl WaitOpts {
             live_every: Duration::from_secs(5),
             live_grace: Duration::from_secs(90),
             stopped_grace: Duration::from_secs(20),
+            failed_grace: Duration::from_secs(40),
         }
     }
 }
@@ -168,17 +171,7 @@ pub fn wait(obs: &dyn Observer, clock: &dyn Clock, o: &WaitOpts) -> WaitOutcome 
         }
         let failed = |x: &Glance| x.last.as_ref().and_then(|l| l.phase) == Some(Phase::Failed);
         if let Some(i) = g.iter().position(failed) {
-            let rows = obs.statuses();
-            let error = rows[i]
-                .error
-                .clone()
-                .or_else(|| g[i].last.as_ref().and_then(|l| l.error.clone()));
-            return WaitOutcome::Failed {
-                node: i,
-                error,
-                rows,
-                after: clock.elapsed(),
-            };
+            return failed_node(obs, clock, o, i, &g[i]);
         }
         let now = clock.elapsed();
         if g.iter()
@@ -221,6 +214,43 @@ pub fn wait(obs: &dyn Observer, clock: &dyn Clock, o: &WaitOpts) -> WaitOutcome 
             };
         }
         clock.sleep(o.poll);
+    }
+}
+
+/// The failure of node `i`, with its error: status.json says it in full (the console line at
+/// most in short), so a node whose access channel is not up yet (sshd starts after the
+/// failed phase) gets [`WaitOpts::failed_grace`] to answer.
+fn failed_node(
+    obs: &dyn Observer,
+    clock: &dyn Clock,
+    o: &WaitOpts,
+    i: usize,
+    g: &Glance,
+) -> WaitOutcome {
+    let since = clock.elapsed();
+    loop {
+        let rows = obs.statuses();
+        let live = rows[i].source == Source::StatusJson;
+        if live || clock.elapsed().saturating_sub(since) >= o.failed_grace {
+            let error = rows[i]
+                .error
+                .clone()
+                .or_else(|| g.last.as_ref().and_then(|l| l.error.clone()))
+                .or_else(|| {
+                    rows[i].unreachable.as_ref().map(|why| {
+                        format!(
+                            "(its console line gives none, and its status.json could not be read: {why})"
+                        )
+                    })
+                });
+            return WaitOutcome::Failed {
+                node: i,
+                error,
+                rows,
+                after: clock.elapsed(),
+            };
+        }
+        clock.sleep(o.live_every);
     }
 }
 
@@ -574,13 +604,43 @@ mod tests {
     fn failed_by_the_console_alone_when_the_node_does_not_answer() {
         let (s, c) = script(vec![vec![(0, BOOT, None), (50, FAILED, None)]]);
         let out = wait(&s, &c, &opts(Phase::Ready));
-        let WaitOutcome::Failed { error, .. } = &out else {
+        let WaitOutcome::Failed { error, after, .. } = &out else {
             panic!("{out:?}")
         };
         assert_eq!(
             error.as_deref(),
             Some("clutch.toml:9:1: unknown key `bogus`")
         );
+        assert_eq!(after.as_secs(), 90, "gave its sshd the 40s grace");
+        // No error on the console line either: say why there is none.
+        const BARE: &str = "clutch: phase=failed host=lab-b role=none members=0";
+        let (s, c) = script(vec![vec![(0, BOOT, None), (50, BARE, None)]]);
+        let out = wait(&s, &c, &opts(Phase::Ready));
+        let WaitOutcome::Failed { error, .. } = &out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            error.as_deref(),
+            Some(
+                "(its console line gives none, and its status.json could not be read: ssh: refused)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_nodes_error_comes_from_status_json_once_it_answers() {
+        const BARE: &str = "clutch: phase=failed host=lab-b role=none members=0";
+        let (s, c) = script(vec![vec![
+            (0, BOOT, None),
+            (61, BARE, None),
+            (80, BARE, Some("failed")),
+        ]]);
+        let out = wait(&s, &c, &opts(Phase::Ready));
+        let WaitOutcome::Failed { error, after, .. } = &out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(error.as_deref(), Some("live: bad clutch.toml"));
+        assert!(after.as_secs() >= 80 && after.as_secs() <= 86, "{after:?}");
     }
 
     #[test]
