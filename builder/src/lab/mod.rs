@@ -36,3 +36,76 @@ pub mod wait;
 
 pub use host::{Host, RealHost};
 pub use plan::{LabState, NodeIndex, NodeSpec};
+
+#[cfg(test)]
+mod golden {
+    //! The whole plan of a fixed lab as text, compared with `tests/golden/lab-plan.txt`
+    //! (`UPDATE_GOLDEN=1` rewrites it): every command `up` and `down` run, and what each VM
+    //! is given.
+    use std::path::Path;
+
+    use super::access::{self, SshOpts};
+    use super::plan::{self, argv};
+    use super::vm::{self, Accel};
+
+    fn plan_text() -> String {
+        let s = plan::plan(
+            Path::new("/srv/lab"),
+            Path::new("/srv/out/lab.img"),
+            2,
+            768,
+            Accel::Tcg,
+        )
+        .unwrap();
+        let creds = s.access.credential_files();
+        let creds: Vec<&Path> = creds.iter().map(|p| p.as_path()).collect();
+        let mut cmds = access::keygen_cmds(&s.access);
+        cmds.extend(plan::setup_cmds(&s));
+        cmds.push(plan::dnsmasq_cmd(&s));
+        for n in &s.nodes {
+            cmds.push(plan::overlay_cmd(
+                &s,
+                n,
+                plan::overlay_size(&s.image, 1 << 30),
+            ));
+        }
+        for n in &s.nodes {
+            cmds.push(vm::qemu_cmd(&s, n, &creds));
+        }
+        cmds.push(access::ssh_cmd(
+            &s,
+            &s.nodes[1],
+            &argv(&["etcdctl", "member", "list"]),
+            SshOpts::default(),
+        ));
+        cmds.extend(plan::teardown_cmds(Some(&s), &s.namespace));
+        let mut t = String::from("# commands\n");
+        for c in cmds {
+            t += &c.join(" ");
+            t.push('\n');
+        }
+        t += "# credentials\n";
+        for c in access::credentials("ssh-ed25519 AAAACLIENT clutch-lab-client", "HOST KEY\n") {
+            t += &format!("## {}\n{}", c.name, String::from_utf8_lossy(&c.value));
+        }
+        t
+    }
+
+    #[test]
+    fn the_lab_plan_matches_the_golden_file() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/lab-plan.txt");
+        let actual = plan_text();
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, &actual).unwrap();
+        }
+        let want = std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 creates it)", p.display()));
+        assert_eq!(
+            actual,
+            want,
+            "{} differs (UPDATE_GOLDEN=1 rewrites it)",
+            p.display()
+        );
+    }
+}
