@@ -27,6 +27,45 @@ fn parse_phase(s: &str) -> Result<Phase, String> {
     }
 }
 
+/// `clutch lab up`'s options.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    config: PathBuf,
+    /// How many VMs.
+    #[arg(long)]
+    nodes: usize,
+    /// Folder for overlays, pidfiles, console logs, access keys and lab.json.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+    /// The image to boot [default: ./out/<config name>/<config name>.img].
+    #[arg(long, conflicts_with = "build")]
+    image: Option<PathBuf>,
+    /// Build the image first (into ./out/<config name>/) when it is missing or older than
+    /// its config, board, overlays or the clutch binaries.
+    #[arg(long)]
+    build: bool,
+    /// Root-filesystem cache for --build (default: ~/.cache/clutch).
+    #[arg(long, env = "CLUTCH_CACHE")]
+    cache: Option<PathBuf>,
+    /// Folder holding boards/ and overlays/ for --build (default: found next to the config).
+    #[arg(long, env = "CLUTCH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = 768)]
+    memory: u32,
+    /// auto (KVM when it works, else TCG), kvm (or fail), tcg.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<AccelChoice>())]
+    accel: AccelChoice,
+    /// Block until every node reaches PHASE (e.g. `ready`); exit non-zero as soon as a node
+    /// is `failed` or its VM stays off for 20 s, or at the timeout, saying why.
+    #[arg(long, value_name = "PHASE", value_parser = parse_phase)]
+    wait: Option<Phase>,
+    /// Seconds --wait may take from power-on [default: 600 + 120 per node under TCG,
+    /// 120 + 30 per node under KVM].
+    #[arg(long, value_name = "S", requires = "wait")]
+    timeout: Option<u64>,
+}
+
 /// `clutch lab` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum LabCmd {
@@ -34,42 +73,7 @@ pub enum LabCmd {
     /// namespace (DHCP from a dnsmasq inside it: node I gets 10.77.0.(11+I)). KVM when a probe
     /// VM boots under it, else TCG. Each VM gets an ephemeral access key (systemd credentials)
     /// for `lab exec` and `lab status`; nothing in CONFIG is needed for that.
-    Up {
-        config: PathBuf,
-        /// How many VMs.
-        #[arg(long)]
-        nodes: usize,
-        /// Folder for overlays, pidfiles, console logs, access keys and lab.json.
-        #[arg(long, default_value = DEFAULT_DIR)]
-        dir: PathBuf,
-        /// The image to boot [default: ./out/<config name>/<config name>.img].
-        #[arg(long, conflicts_with = "build")]
-        image: Option<PathBuf>,
-        /// Build the image first (into ./out/<config name>/) when it is missing or older than
-        /// its config, board, overlays or the clutch binaries.
-        #[arg(long)]
-        build: bool,
-        /// Root-filesystem cache for --build (default: ~/.cache/clutch).
-        #[arg(long, env = "CLUTCH_CACHE")]
-        cache: Option<PathBuf>,
-        /// Folder holding boards/ and overlays/ for --build (default: found next to the config).
-        #[arg(long, env = "CLUTCH_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Memory per VM in MiB.
-        #[arg(long, default_value_t = 768)]
-        memory: u32,
-        /// auto (KVM when it works, else TCG), kvm (or fail), tcg.
-        #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<AccelChoice>())]
-        accel: AccelChoice,
-        /// Block until every node reaches PHASE (e.g. `ready`); exit non-zero as soon as a node
-        /// is `failed` or its VM stops, or at the timeout, saying why.
-        #[arg(long, value_name = "PHASE", value_parser = parse_phase)]
-        wait: Option<Phase>,
-        /// Seconds --wait may take from power-on [default: 600 + 120 per node under TCG,
-        /// 120 + 30 per node under KVM].
-        #[arg(long, value_name = "S", requires = "wait")]
-        timeout: Option<u64>,
-    },
+    Up(UpArgs),
     /// Each node's phase, role, members, release and address, from its live
     /// /run/clutch/status.json (the console's last phase line when it does not answer; the
     /// `source` column says which).
@@ -212,20 +216,20 @@ impl Observer for Progress<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn up(
-    config: PathBuf,
-    nodes: usize,
-    dir: PathBuf,
-    image: Option<PathBuf>,
-    build: bool,
-    cache: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-    memory: u32,
-    accel: AccelChoice,
-    wait_for: Option<Phase>,
-    timeout: Option<u64>,
-) -> Result<ExitCode> {
+fn up(a: UpArgs) -> Result<ExitCode> {
+    let UpArgs {
+        config,
+        nodes,
+        dir,
+        image,
+        build,
+        cache,
+        data_dir,
+        memory,
+        accel,
+        wait: wait_for,
+        timeout,
+    } = a;
     let name = config
         .file_stem()
         .with_context(|| format!("{}: no file name", config.display()))?
@@ -302,21 +306,7 @@ fn up(
 
 pub fn run(c: LabCmd) -> Result<ExitCode> {
     match c {
-        LabCmd::Up {
-            config,
-            nodes,
-            dir,
-            image,
-            build,
-            cache,
-            data_dir,
-            memory,
-            accel,
-            wait,
-            timeout,
-        } => up(
-            config, nodes, dir, image, build, cache, data_dir, memory, accel, wait, timeout,
-        ),
+        LabCmd::Up(a) => up(a),
         LabCmd::Status { dir, json } => {
             let s = existing_lab(&dir)?;
             let rows = ops::statuses(&RealHost, &s);

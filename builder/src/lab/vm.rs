@@ -93,11 +93,15 @@ pub fn probe_cmd(image: &Path) -> Vec<String> {
     };
     let mut v = argv(&[QEMU_X86, "-name", "clutch-kvm-probe"]);
     v.extend(headless_args(Accel::Kvm, 512));
+    // A disk the BIOS cannot boot makes it reboot at once, which `-no-reboot` turns into an
+    // exit: no waiting out the timeout.
     v.extend(argv(&[
         "-nodefaults",
         "-serial",
         "stdio",
         "-no-reboot",
+        "-boot",
+        "strict=on,reboot-timeout=0",
         "-drive",
     ]));
     v.push(format!(
@@ -140,7 +144,7 @@ impl ProbeRun {
                 .map(str::trim)
                 .find(|l| l.contains(KVM_FAILURE))
                 .or_else(|| first_line(stderr))
-                .unwrap_or("no message")
+                .unwrap_or("it ended without starting a kernel (is the disk bootable?)")
                 .to_string();
             let message = match stderr.lines().find(|l| l.trim() == "emulation failure") {
                 Some(_) => format!("{message} (emulation failure)"),
@@ -350,7 +354,20 @@ mod tests {
             p.contains("-serial stdio") && p.contains("-no-reboot"),
             "{p}"
         );
+        assert!(p.contains("-boot strict=on,reboot-timeout=0"), "{p}");
         assert!(probe_done("...Linux version 6.12", ""));
+        // A disk the BIOS cannot boot: QEMU exits 0 with no kernel, which is no proof.
+        let none = ProbeRun::from_output(
+            "SeaBIOS\nNo bootable device.",
+            "",
+            Some(0),
+            Duration::from_secs(2),
+            false,
+        );
+        assert!(
+            matches!(&none, ProbeRun::Failed { message, .. } if message.contains("without starting a kernel")),
+            "{none:?}"
+        );
         assert!(probe_done("", "KVM internal error. Suberror: 1\n"));
         assert!(!probe_done("SeaBIOS", ""));
     }
