@@ -203,6 +203,16 @@ impl Drop for DirGuard {
     }
 }
 
+/// Does the image carry a secret (in its node config on the FAT partition)?
+pub fn embeds_secret(cfg: &ImageConfig) -> bool {
+    cfg.cluster.as_ref().is_some_and(|c| c.token.is_some())
+        || cfg.wifi.as_ref().is_some_and(|w| w.psk.is_some())
+        || cfg
+            .user
+            .as_ref()
+            .is_some_and(|u| !u.password_hash.as_str().is_empty())
+}
+
 pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let text = std::fs::read_to_string(&opts.config)
         .with_context(|| format!("cannot read {}", opts.config.display()))?;
@@ -281,6 +291,12 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         .keep();
     let _cleanup = DirGuard(staging.clone());
     rootfs::extract(&tar, &staging)?;
+    let names = stage::plan_names(&staging, &cfg).map_err(|e| match e {
+        stage::PlanNamesError::Invalid(inv) => {
+            anyhow::Error::from(clutch_config::diag::locate(&opts.config, &text, inv))
+        }
+        e => e.into(),
+    })?;
     let overlays = cfg
         .overlays
         .iter()
@@ -296,6 +312,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             firstboot_unit: &unit,
             root_partuuid: root_uuid.clone(),
             boot_partuuid: boot_uuid.clone(),
+            names,
         },
     )?;
     if let Some(c) = &cfg.cluster {
@@ -363,6 +380,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
 
     // Every artifact is written under a temporary name; all are renamed only once all exist.
     let mut pending = output::Pending::default();
+    let secret = embeds_secret(&cfg);
     for f in &formats {
         p.stage(&format!("writing {}", f.as_str()));
         let raw_size = std::fs::metadata(&raw_tmp)?.len();
@@ -373,6 +391,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             Format::Bmap => out.join(format!("{name}.img.bmap")),
             Format::Pxe => out.join(pxe::SET_DIR),
         };
+        if secret && matches!(f, Format::Raw | Format::Qcow2 | Format::Zst) {
+            pending.private(&dest);
+        }
         let mut detail = dest.display().to_string();
         match f {
             Format::Raw => {
@@ -415,6 +436,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
                         board: &board,
                         name: &name,
                         node_config: &node_config,
+                        secret,
                     },
                 )?;
                 p.println(&format!("clutch:       {summary}"));
@@ -430,7 +452,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
         manifest_version: 1,
         name: name.clone(),
         clutch_version: env!("CARGO_PKG_VERSION").to_string(),
-        config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        config_sha256: manifest::config_digest(&text),
         build_seed: seed.clone(),
         board: board.name.to_string(),
         arch: board.arch.clone(),

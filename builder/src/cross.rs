@@ -28,7 +28,7 @@ const TOOLCHAIN_RECIPE: u32 = 1;
 /// The Debian suite whose rustc builds firstboot (trixie: rustc 1.85 = the crate's MSRV).
 pub const TOOLCHAIN_SUITE: &str = "trixie";
 /// The crates firstboot is made of, relative to the source tree.
-pub const CRATES: &[&str] = &["config", "cluster", "firstboot"];
+pub const CRATES: &[&str] = &["os", "config", "cluster", "firstboot"];
 
 /// How to cross-build for one Debian architecture.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -69,6 +69,8 @@ enum Cmd {
     },
     /// List the host tools a build needs and whether each is present.
     Doctor,
+    /// Print a new random cluster token (256 bits, as 64 hex digits) on stdout.
+    Token,
     /// A local lab: N VMs of a built amd64 image in a private network namespace.
     Lab {
         #[command(subcommand)]
@@ -196,6 +198,10 @@ fn run(command: Cmd) -> Result<bool> {
         }
         Cmd::Check { config, data_dir } => {
             let (_, cfg, board) = data::load(data_dir.as_deref(), &config)?;
+            let text = std::fs::read_to_string(&config)?;
+            for w in clutch_config::warnings(&config, &text, &cfg) {
+                eprintln!("clutch: warning: {w}");
+            }
             println!(
                 "{}: ok (board {}, {} {})",
                 config.display(),
@@ -203,6 +209,17 @@ fn run(command: Cmd) -> Result<bool> {
                 cfg.suite,
                 board.arch
             );
+            if let Some(u) = &cfg.user {
+                // decide_without_root accepted it while loading; say what it will become.
+                if let Ok(a) = clutch_config::account::decide_without_root(&u.name) {
+                    println!(
+                        "note: user.name: {}. Checked against Debian's base-passwd tables and the \
+                         accounts clutch's own packages add; the build has the final word, checking \
+                         the image's /etc/passwd and /etc/group once its packages are installed.",
+                        a.describe(u.name.as_str())
+                    );
+                }
+            }
             Ok(true)
         }
         Cmd::Doctor => {
@@ -212,6 +229,11 @@ fn run(command: Cmd) -> Result<bool> {
                 println!("warning: {w}");
             }
             Ok(ok)
+        }
+        Cmd::Token => {
+            let bytes: [u8; 32] = rand::random();
+            println!("{}", hex::encode(bytes));
+            Ok(true)
         }
         // Exits with its own code (`lab exec`): handled in main.
         Cmd::Lab { .. } => unreachable!("lab runs from main"),

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 /// One installed Debian package.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -84,7 +85,8 @@ pub struct Manifest {
     pub manifest_version: u32,
     pub name: String,
     pub clutch_version: String,
-    /// sha256 of the image config file's text.
+    /// sha256 of the image config with its secrets blanked (see [`config_digest`]): it
+    /// tells configs apart without being a way to test guesses of an inline token.
     pub config_sha256: String,
     /// sha256 over the config and the board file: what the disk and partition ids derive from.
     pub build_seed: String,
@@ -101,6 +103,35 @@ pub struct Manifest {
     pub partitions: Vec<Partition>,
     pub packages: Vec<Package>,
     pub artifacts: Vec<Artifact>,
+}
+
+/// Keys whose values are secrets, blanked before the config is hashed.
+const SECRET_KEYS: &[(&str, &str)] = &[
+    ("cluster", "token"),
+    ("wifi", "psk"),
+    ("user", "password_hash"),
+];
+
+/// sha256 of the config as TOML with every secret value replaced by `"<secret>"`, in toml's
+/// own serialisation (so comments and layout do not change it either).
+pub fn config_digest(text: &str) -> String {
+    let mut t: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        // A config that got this far parses; hash nothing secret-bearing if it ever does not.
+        Err(_) => return hex::encode(Sha256::digest(b"unparsable")),
+    };
+    for (sec, key) in SECRET_KEYS {
+        if let Some(v) = t
+            .get_mut(*sec)
+            .and_then(|s| s.as_table_mut())
+            .and_then(|s| s.get_mut(*key))
+        {
+            *v = toml::Value::String("<secret>".into());
+        }
+    }
+    hex::encode(Sha256::digest(
+        toml::to_string(&t).unwrap_or_default().as_bytes(),
+    ))
 }
 
 /// `SOURCE_DATE_EPOCH` when it is set (and a number).
@@ -147,6 +178,19 @@ pub struct ImagerList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_digest_ignores_secrets_but_not_settings() {
+        let a = "version = 1\n[cluster]\nname = \"lab\"\ntoken = \"one-secret-0123456789abcdef0123456789\"\n";
+        let b = "version = 1\n# another comment\n[cluster]\nname = \"lab\"\ntoken = \"two-secret-0123456789abcdef0123456789\"\n";
+        let c = "version = 1\n[cluster]\nname = \"lab2\"\ntoken = \"one-secret-0123456789abcdef0123456789\"\n";
+        assert_eq!(config_digest(a), config_digest(b));
+        assert_ne!(config_digest(a), config_digest(c));
+        assert_ne!(config_digest(a), hex::encode(Sha256::digest(a.as_bytes())));
+        let w1 = "[wifi]\nssid = \"x\"\npsk = \"passphrase-1\"\n[user]\nname = \"a\"\npassword_hash = \"$y$1\"\n";
+        let w2 = "[wifi]\nssid = \"x\"\npsk = \"passphrase-2\"\n[user]\nname = \"a\"\npassword_hash = \"$y$2\"\n";
+        assert_eq!(config_digest(w1), config_digest(w2));
+    }
 
     const STATUS: &str = "Package: zlib1g\nStatus: install ok installed\nPriority: required\nArchitecture: amd64\nMulti-Arch: same\nVersion: 1:1.3.dfsg+really1.3.1-1+b1\nDescription: compression library - runtime\n zlib is a library implementing the deflate compression method found\n in gzip and PKZIP.\n\nPackage: removed-one\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 1.0\n\nPackage: base-files\nEssential: yes\nStatus: install ok installed\nArchitecture: amd64\nVersion: 13.8\nConffiles:\n /etc/debian_version 0123\n";
 

@@ -32,6 +32,9 @@ struct Item {
 pub struct Pending {
     items: Vec<Item>,
     guards: Vec<atomic::TempGuard>,
+    /// Artifacts that embed a secret (the cluster token, a wifi key, a password hash):
+    /// moved into place with mode 0600.
+    private: Vec<PathBuf>,
 }
 
 /// `dest` relative to `base` when inside it, else its file name.
@@ -68,6 +71,11 @@ impl Pending {
             sha256: None,
         });
         Ok(())
+    }
+
+    /// Marks `dest` as holding a secret: it is moved into place readable by its owner only.
+    pub fn private(&mut self, dest: &Path) {
+        self.private.push(dest.to_path_buf());
     }
 
     /// Bytes still to hash.
@@ -124,6 +132,14 @@ impl Pending {
             .map(|w| format!("{}  {}\n", w.sha256, w.name))
             .collect();
         for it in &self.items {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if self.private.contains(&it.dest) {
+                0o600
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(&it.tmp, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", it.tmp.display()))?;
             atomic::commit(&it.tmp, &it.dest)
                 .with_context(|| format!("moving {} into place", it.dest.display()))?;
         }

@@ -145,6 +145,8 @@ pub struct PxeInputs<'a> {
     pub name: &'a str,
     /// The node config text, as it goes onto a disk image's FAT partition.
     pub node_config: &'a str,
+    /// The node config holds a secret: `clutch.toml` is written mode 0600.
+    pub secret: bool,
 }
 
 /// Writes the set into `<out>/pxe/` under temporary names registered with `pending`.
@@ -166,6 +168,9 @@ pub fn write(pending: &mut output::Pending, out: &Path, inp: &PxeInputs<'_>) -> 
     pending.add(f_ipxe, |t| Ok(std::fs::write(t, &ipxe)?))?;
     pending.add(f_kernel, |t| copy(&kernel, t))?;
     pending.add(f_initrd, |t| copy(&initrd, t))?;
+    if inp.secret {
+        pending.private(&f_config);
+    }
     pending.add(f_config, |t| Ok(std::fs::write(t, inp.node_config)?))?;
     let mut squash_size = 0;
     pending.add(f_squash, |t| {
@@ -301,10 +306,19 @@ mod tests {
             board: &b,
             name: "t",
             node_config: "[system]\n",
+            secret: true,
         };
         write(&mut pending, &out, &inp).unwrap();
         let arts = pending.commit_with_sums(&out.join("SHA256SUMS")).unwrap();
         assert_eq!(arts.len(), 5);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode("pxe/clutch.toml"),
+            0o600,
+            "the node config holds a secret"
+        );
+        assert_eq!(mode("pxe/vmlinuz"), 0o644);
         assert_eq!(arts[0], out.join("pxe/boot.ipxe"));
         assert_eq!(
             std::fs::read(out.join("pxe/initrd.img")).unwrap(),

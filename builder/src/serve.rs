@@ -10,6 +10,10 @@
 //!   refused with 400; files that resolve (through symlinks) outside DIR, folders and missing
 //!   files are 404. No listings.
 //! - One tracing line per request (method, path, status, bytes, peer, time).
+//! - Bounded: at most [`MAX_CONNECTIONS`] connections at once ([`MAX_PER_PEER`] per client
+//!   address; more wait in the kernel's backlog), request headers must arrive within
+//!   [`HEADER_TIMEOUT`], and a connection that moves no byte for [`IDLE_TIMEOUT`] is closed,
+//!   so a slow or silent client cannot hold the server.
 
 use std::convert::Infallible;
 use std::io;
@@ -33,6 +37,15 @@ use tokio::net::TcpListener;
 /// The address `clutch serve` listens on unless told otherwise; boot.ipxe defaults to port
 /// 8080 on the DHCP `next-server`, so dnsmasq and `clutch serve` on one host need no settings.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once for one client address.
+pub const MAX_PER_PEER: usize = 32;
+/// Time a client has to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection that moves no byte for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 type RespBody = BoxBody<Bytes, io::Error>;
 
@@ -404,10 +417,163 @@ async fn handle(
     Ok(resp)
 }
 
+/// A stream that notes when it last moved a byte.
+struct Tracked<S> {
+    inner: S,
+    last: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl<S> Tracked<S> {
+    fn touch(&self) {
+        *self.last.lock().unwrap() = Instant::now();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The bounds of one server (the constants above, shorter in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub per_peer: usize,
+    pub header_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            per_peer: MAX_PER_PEER,
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Connections per client address.
+struct PerPeer {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// Holds one of a peer's connection slots.
+struct PeerSlot(Arc<PerPeer>, std::net::IpAddr);
+
+impl PerPeer {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut m = self.open.lock().unwrap();
+        let n = m.entry(ip).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.open.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends, or moves nothing for the idle timeout.
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    root: Arc<PathBuf>,
+    limits: Limits,
+) {
+    let idle = limits.idle_timeout;
+    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let io = Tracked {
+        inner: stream,
+        last: last.clone(),
+    };
+    let svc = hyper::service::service_fn(move |req| handle(root.clone(), peer, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, "connection: {e}");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(idle / 4) => {
+                if last.lock().unwrap().elapsed() >= idle {
+                    tracing::debug!(peer = %peer, "connection idle for {idle:?}: closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Serves `dir` on an already bound listener until the future is dropped.
 pub async fn serve_on(listener: TcpListener, dir: &Path) -> io::Result<()> {
+    serve_with(listener, dir, Limits::default()).await
+}
+
+/// [`serve_on`] within `limits`.
+pub async fn serve_with(listener: TcpListener, dir: &Path, limits: Limits) -> io::Result<()> {
     let root = Arc::new(dir.canonicalize()?);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let per_peer = Arc::new(PerPeer {
+        max: limits.per_peer,
+        open: Default::default(),
+    });
     loop {
+        // At the cap, wait: further clients queue in the listen backlog.
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -416,15 +582,14 @@ pub async fn serve_on(listener: TcpListener, dir: &Path) -> io::Result<()> {
                 continue;
             }
         };
+        let Some(peer_slot) = per_peer.take(peer.ip()) else {
+            tracing::warn!(peer = %peer, "more than {} connections from one address; closed", limits.per_peer);
+            continue;
+        };
         let root = root.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(root.clone(), peer, req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(peer = %peer, "connection: {e}");
-            }
+            serve_conn(stream, peer, root, limits).await;
+            drop((permit, peer_slot));
         });
     }
 }
@@ -590,6 +755,10 @@ mod tests {
     }
 
     fn start(root: &Path) -> Server {
+        start_with(root, Limits::default())
+    }
+
+    fn start_with(root: &Path, limits: Limits) -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -600,8 +769,64 @@ mod tests {
             .expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let root = root.to_path_buf();
-        rt.spawn(async move { serve_on(listener, &root).await });
+        rt.spawn(async move { serve_with(listener, &root, limits).await });
         Server { addr, _rt: rt }
+    }
+
+    /// Reads until the server closes; how long that took (None: still open at `max`).
+    fn closed_after(
+        s: &mut std::net::TcpStream,
+        max: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let t = Instant::now();
+        s.set_read_timeout(Some(max)).unwrap();
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return Some(t.elapsed()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(_) => return Some(t.elapsed()),
+            }
+        }
+    }
+
+    #[test]
+    fn slow_silent_and_greedy_clients_are_bounded() {
+        use std::time::Duration;
+        let (_t, root) = set();
+        let srv = start_with(
+            &root,
+            Limits {
+                connections: 4,
+                per_peer: 3,
+                header_timeout: Duration::from_millis(400),
+                idle_timeout: Duration::from_millis(800),
+            },
+        );
+        // Half a request line, then silence: closed at the header timeout.
+        let mut slow = std::net::TcpStream::connect(srv.addr).unwrap();
+        slow.write_all(b"GET /clutch.toml HT").unwrap();
+        let t = closed_after(&mut slow, Duration::from_secs(5)).expect("slow client closed");
+        assert!(t < Duration::from_secs(2), "{t:?}");
+        // A kept-alive connection that then says nothing: closed once idle.
+        let mut idle = std::net::TcpStream::connect(srv.addr).unwrap();
+        idle.write_all(b"GET /clutch.toml HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let t = closed_after(&mut idle, Duration::from_secs(5)).expect("idle connection closed");
+        assert!(t < Duration::from_secs(3), "{t:?}");
+        // One address may hold 3 connections; a 4th is closed at once, and the server
+        // still answers once they are gone.
+        let held: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(srv.addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fourth = std::net::TcpStream::connect(srv.addr).unwrap();
+        let t = closed_after(&mut fourth, Duration::from_millis(300)).expect("4th closed");
+        assert!(t < Duration::from_millis(300));
+        drop(held);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(req(srv.addr, "GET", "/clutch.toml", "").0, 200);
     }
 
     /// One raw HTTP/1.1 request; returns (status, headers lowercased, body).

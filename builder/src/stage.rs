@@ -7,7 +7,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use clutch_config::{Board, ImageConfig};
+use clutch_config::account::{self, Account};
+use clutch_config::{Board, ImageConfig, Invalid, User, zone};
 
 use crate::cmd;
 
@@ -20,6 +21,16 @@ pub struct StageInputs<'a> {
     pub firstboot_unit: &'a Path,
     pub root_partuuid: String,
     pub boot_partuuid: String,
+    /// From [`plan_names`].
+    pub names: NamePlan,
+}
+
+/// What the configured names become in this root filesystem, decided before anything is
+/// staged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamePlan {
+    /// useradd's arguments (without `--root`) for the configured user.
+    pub useradd: Option<Vec<String>>,
 }
 
 pub fn apply(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
@@ -31,8 +42,8 @@ pub fn apply(root: &Path, inp: &StageInputs<'_>) -> Result<()> {
     write_root_templates(root, inp)?;
     write_identity_placeholders(root)?;
     set_timezone(root, inp.cfg.system.timezone.as_str())?;
-    if let Some(u) = &inp.cfg.user {
-        add_user(root, u)?;
+    if let (Some(u), Some(args)) = (&inp.cfg.user, &inp.names.useradd) {
+        add_user(root, u, args)?;
     }
     configure_ssh(root, inp.cfg)?;
     enable_units(
@@ -174,44 +185,122 @@ fn write_identity_placeholders(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn set_timezone(root: &Path, tz: &str) -> Result<()> {
-    let zone = Path::new("/usr/share/zoneinfo").join(tz);
-    if !root.join(zone.strip_prefix("/")?).exists() {
-        bail!(
-            "time zone `{tz}` does not exist in the image ({} is missing)",
-            zone.display()
-        );
+/// Checks the configured user name and time zone against this root filesystem, now that
+/// its packages are installed (they add system users, and decide which zones exist), by the
+/// same rules `clutch check` applies to Debian's tables. The error names the config key; the
+/// caller locates it in the config file.
+pub fn plan_names(root: &Path, cfg: &ImageConfig) -> Result<NamePlan, PlanNamesError> {
+    let read = |rel: &str| {
+        let p = root.join(rel);
+        std::fs::read_to_string(&p).map_err(|source| PlanNamesError::Read { path: p, source })
+    };
+    let legacy = cfg
+        .packages
+        .iter()
+        .any(|p| p.as_str() == zone::LEGACY_PACKAGE);
+    let tz = cfg.system.timezone.as_str();
+    zone::check(tz, legacy, |n| zone_in_root(root, n)).map_err(|why| {
+        Invalid::new(
+            "system.timezone",
+            format!("{why} (checked against this image's {}/)", zone::ZONEINFO),
+        )
+    })?;
+    let useradd = match &cfg.user {
+        Some(u) => Some(useradd_args(u, &read("etc/passwd")?, &read("etc/group")?)?),
+        None => None,
+    };
+    Ok(NamePlan { useradd })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanNamesError {
+    #[error("cannot read {} in the staged root filesystem: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {}", .0.key, .0.message)]
+    Invalid(Invalid),
+}
+
+impl From<Invalid> for PlanNamesError {
+    fn from(i: Invalid) -> Self {
+        PlanNamesError::Invalid(i)
     }
+}
+
+/// The builder's verdict on the configured user in a tree with these `/etc/passwd` and
+/// `/etc/group` texts: useradd's arguments (without `--root`), or why not.
+pub fn useradd_args(u: &User, passwd: &str, group: &str) -> Result<Vec<String>, Invalid> {
+    let name = u.name.as_str();
+    let why = |m: String| {
+        Invalid::new(
+            "user.name",
+            format!(
+                "{m} (in this image's /etc/passwd and /etc/group, after its packages were installed)"
+            ),
+        )
+    };
+    let account = account::decide(&u.name, passwd, group).map_err(|r| why(r.to_string()))?;
+    if let Account::Existing(e) = &account {
+        return Err(why(format!(
+            "the root filesystem already has a login user `{name}` (uid {}); clutch makes the user itself",
+            e.uid
+        )));
+    }
+    let mut args: Vec<String> = ["--create-home", "--shell", "/bin/bash"]
+        .iter()
+        .chain(account.useradd_group_args())
+        .map(|s| s.to_string())
+        .collect();
+    if u.sudo {
+        args.extend(["--groups".into(), "sudo".into()]);
+    }
+    let hash = u.password_hash.as_str();
+    // `!` keeps the account usable for ssh keys while no password can match.
+    args.push("--password".into());
+    args.push(if hash.is_empty() { "!" } else { hash }.into());
+    args.push(name.into());
+    Ok(args)
+}
+
+/// Whether the image has a compiled zone `name` (links followed inside the image).
+fn zone_in_root(root: &Path, name: &str) -> bool {
+    resolve_in_root(root, &format!("{}/{name}", zone::ZONEINFO))
+        .is_ok_and(|p| zone::is_compiled_zone(&p))
+}
+
+/// Points /etc/localtime at `tz` ([`plan_names`] made sure the image has it).
+fn set_timezone(root: &Path, tz: &str) -> Result<()> {
+    let zone = Path::new(zone::ZONEINFO).join(tz);
     let lt = root.join("etc/localtime");
     let _ = std::fs::remove_file(&lt);
     symlink(&zone, &lt)?;
     write(root, "etc/timezone", &format!("{tz}\n"), 0o644)
 }
 
-fn add_user(root: &Path, u: &clutch_config::User) -> Result<()> {
+fn add_user(root: &Path, u: &User, useradd: &[String]) -> Result<()> {
     let name = u.name.as_str();
-    let mut c = Command::new("useradd");
-    c.arg("--root")
-        .arg(root)
-        .args(["--create-home", "--user-group", "--shell", "/bin/bash"]);
-    if u.sudo {
-        c.args(["--groups", "sudo"]);
-    }
-    let hash = u.password_hash.as_str();
-    // `!` keeps the account usable for ssh keys while no password can match.
-    c.arg("--password")
-        .arg(if hash.is_empty() { "!" } else { hash });
-    c.arg(name);
-    cmd::run(&mut c).with_context(|| format!("creating user {name}"))?;
-    let home = root.join("home").join(name);
+    cmd::run(
+        Command::new("useradd")
+            .arg("--root")
+            .arg(root)
+            .args(useradd),
+    )
+    .with_context(|| format!("creating user {name}"))?;
+    let passwd = std::fs::read_to_string(root.join("etc/passwd"))?;
+    let Some(entry) = account::find_user(&passwd, name) else {
+        bail!("useradd ran, but user {name} is not in the image's /etc/passwd");
+    };
+    let home = root.join(entry.home.trim_start_matches('/'));
     let ssh = home.join(".ssh");
     std::fs::create_dir_all(&ssh)?;
     let keys: String = u.authorized_keys.iter().map(|k| format!("{k}\n")).collect();
     write(&ssh, "authorized_keys", &keys, 0o600)?;
     std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
-    let (uid, gid) = ids(root, name)?;
     for p in [&ssh, &ssh.join("authorized_keys")] {
-        std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+        std::os::unix::fs::chown(p, Some(entry.uid), Some(entry.gid))?;
     }
     if u.sudo {
         write(
@@ -224,18 +313,6 @@ fn add_user(root: &Path, u: &clutch_config::User) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// uid and gid of `name` in the tree's /etc/passwd.
-fn ids(root: &Path, name: &str) -> Result<(u32, u32)> {
-    let passwd = std::fs::read_to_string(root.join("etc/passwd"))?;
-    for line in passwd.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() > 3 && f[0] == name {
-            return Ok((f[2].parse()?, f[3].parse()?));
-        }
-    }
-    bail!("user {name} is not in the image's /etc/passwd")
 }
 
 fn configure_ssh(root: &Path, cfg: &ImageConfig) -> Result<()> {
@@ -442,6 +519,7 @@ mod tests {
             firstboot_unit: &bin,
             root_partuuid: "1234abcd-02".into(),
             boot_partuuid: "1234abcd-01".into(),
+            names: NamePlan::default(),
         };
         write_root_templates(root, &inp).unwrap();
         let fw = std::fs::read_to_string(root.join("real-etc/default/raspi-firmware")).unwrap();
@@ -453,5 +531,138 @@ mod tests {
         // The amd64 board has none and writes nothing.
         let amd = crate::testutil::board("amd64");
         assert!(amd.root.templates.is_empty());
+    }
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop";
+
+    fn config(user: &str, tz: &str) -> ImageConfig {
+        let text = format!(
+            "version = 1\nboard = \"amd64\"\npackages = [\"tzdata-legacy\"]\n[system]\ntimezone = \"{tz}\"\n[user]\nname = \"{user}\"\nauthorized_keys = [\"{KEY}\"]\n"
+        );
+        clutch_config::parse_image_config(Path::new("t.toml"), &text)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A staged tree with a real trixie root filesystem's accounts (empty shadow files) and
+    /// two compiled zones; US/Eastern is not there, as in trixie without tzdata-legacy.
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        let put = |rel: &str, body: &[u8]| {
+            let p = r.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        };
+        put("etc/passwd", crate::testutil::TRIXIE_PASSWD.as_bytes());
+        put("etc/group", crate::testutil::TRIXIE_GROUP.as_bytes());
+        put("etc/shadow", b"");
+        put("etc/gshadow", b"");
+        put("usr/share/zoneinfo/Etc/UTC", b"TZif2 compiled zone");
+        put(
+            "usr/share/zoneinfo/America/New_York",
+            b"TZif2 compiled zone",
+        );
+        symlink("Etc/UTC", r.join("usr/share/zoneinfo/UTC")).unwrap();
+        std::fs::create_dir_all(r.join("home")).unwrap();
+        t
+    }
+
+    #[test]
+    fn names_are_checked_against_the_staged_tree() {
+        let t = tree();
+        let plan = |u: &str, tz: &str| plan_names(t.path(), &config(u, tz));
+        let ok = plan("operator", "UTC").unwrap();
+        let args = ok.useradd.unwrap();
+        assert_eq!(
+            args.join(" "),
+            format!(
+                "--create-home --shell /bin/bash --no-user-group --gid users --groups sudo --password ! operator"
+            )
+        );
+        assert!(
+            plan("admin", "America/New_York")
+                .unwrap()
+                .useradd
+                .unwrap()
+                .contains(&"--user-group".to_string())
+        );
+        // What `clutch check` cannot know: a user from an extra package (postgresql here).
+        let passwd = r#"postgres:x:105:110:PostgreSQL administrator:/var/lib/postgresql:/bin/bash"#;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(t.path().join("etc/passwd"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, format!("{passwd}\n").as_bytes()).unwrap();
+        for (user, tz, key, want) in [
+            (
+                "postgres",
+                "UTC",
+                "user.name",
+                "`postgres` is a system account (uid 105, \"PostgreSQL administrator\")",
+            ),
+            // tzdata-legacy is in the config's packages, but not in this tree.
+            (
+                "admin",
+                "US/Eastern",
+                "system.timezone",
+                "use `America/New_York`",
+            ),
+            // A zone trixie's tzdata has and this tree lacks (another suite's tzdata).
+            (
+                "admin",
+                "Europe/Paris",
+                "system.timezone",
+                "no time zone `Europe/Paris`",
+            ),
+        ] {
+            match plan(user, tz) {
+                Err(PlanNamesError::Invalid(i)) => {
+                    assert_eq!(i.key.to_string(), key);
+                    assert!(i.message.contains(want), "{user} {tz}: {}", i.message);
+                    assert!(i.message.contains("this image's"), "{}", i.message);
+                }
+                r => panic!("{user} {tz}: {r:?}"),
+            }
+        }
+    }
+
+    /// The staging of a user whose name a base-system group has, with the real useradd:
+    /// the user `operator` gets primary group `users`, the group `operator` stays as it is.
+    #[test]
+    fn operator_is_staged_with_the_users_group_by_real_useradd() {
+        if !crate::testutil::need_root("useradd --root chroots") {
+            return;
+        }
+        let t = tree();
+        let r = t.path();
+        let cfg = config("operator", "UTC");
+        let args = plan_names(r, &cfg).unwrap().useradd.unwrap();
+        add_user(r, cfg.user.as_ref().unwrap(), &args).unwrap();
+        let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap();
+        let passwd = read("etc/passwd");
+        assert!(
+            passwd.ends_with("operator:x:1000:100::/home/operator:/bin/bash\n"),
+            "{passwd}"
+        );
+        let group = read("etc/group");
+        assert!(
+            group.contains("\noperator:x:37:\n"),
+            "the group is left alone: {group}"
+        );
+        assert!(group.contains("\nsudo:x:27:operator\n"), "{group}");
+        assert_eq!(
+            group.matches("operator:").count(),
+            1,
+            "no second group: {group}"
+        );
+        assert!(read("etc/shadow").starts_with("operator:!:"));
+        let keys = r.join("home/operator/.ssh/authorized_keys");
+        assert_eq!(std::fs::read_to_string(&keys).unwrap(), format!("{KEY}\n"));
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&keys).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (1000, 100, 0o600));
+        assert!(
+            read("etc/sudoers.d/clutch-operator").contains("\noperator ALL=(ALL) NOPASSWD:ALL\n")
+        );
     }
 }

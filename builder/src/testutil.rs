@@ -20,3 +20,21 @@ pub fn image_config(extra: &str) -> ImageConfig {
     );
     clutch_config::parse_image_config(Path::new("t.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Whether a test that needs root (chroot, file ownership) can run. Without root it fails
+/// under CI=true and is skipped, loudly, otherwise.
+pub fn need_root(what: &str) -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "CI must run this test as root: {what}"
+    );
+    eprintln!("SKIPPED (needs root): {what}");
+    false
+}
+
+/// The `/etc/passwd` and `/etc/group` of a real trixie amd64 root filesystem (with etcd).
+pub const TRIXIE_PASSWD: &str = include_str!("../tests/fixtures/trixie-amd64-etcd.passwd");
+pub const TRIXIE_GROUP: &str = include_str!("../tests/fixtures/trixie-amd64-etcd.group");

@@ -1,5 +1,9 @@
 //! mDNS discovery of `_clutch._tcp.local.` with mdns-sd (pure Rust; shares port 5353 with
 //! avahi-daemon). Advertises only on links that carry the node's own address.
+//!
+//! Anyone on the LAN can advertise, so what is kept is bounded: only adverts of our own
+//! cluster key, at most [`MAX_PEERS`] of them and [`MAX_PER_ADDRESS`] per address. The TXT
+//! record carries only public values (the cluster key, the node id, phase, role, port).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mdns_sd::{IfKind, IfPredicate, ServiceDaemon, ServiceEvent, ServiceInfo};
 
-use crate::id::{NodeId, Phase, Role};
+use crate::id::{ClusterKey, NodeId, Phase, Role};
 
 pub const SERVICE_TYPE: &str = "_clutch._tcp.local.";
 
@@ -66,11 +70,15 @@ pub fn local_addrs(filter: &InterfaceFilter) -> Vec<(String, IpAddr)> {
     v
 }
 
+/// Adverts of our cluster key kept at most.
+pub const MAX_PEERS: usize = 64;
+/// Adverts kept per advertised address.
+pub const MAX_PER_ADDRESS: usize = 4;
+
 /// A clutch node seen on mDNS.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Discovered {
     pub node_id: NodeId,
-    pub cluster_id: String,
     pub addrs: Vec<IpAddr>,
     pub port: u16,
     pub phase: Option<Phase>,
@@ -86,7 +94,7 @@ pub type PeerTable = Arc<Mutex<BTreeMap<String, Discovered>>>;
 pub struct Advert {
     pub node_id: NodeId,
     pub hostname: String,
-    pub cluster_id: String,
+    pub cluster: ClusterKey,
     pub addrs: Vec<IpAddr>,
     pub port: u16,
 }
@@ -95,7 +103,7 @@ pub struct Advert {
 pub fn txt(a: &Advert, phase: Phase, role: Role) -> Vec<(String, String)> {
     vec![
         ("v".into(), "1".into()),
-        ("cid".into(), a.cluster_id.clone()),
+        ("cid".into(), a.cluster.to_string()),
         ("id".into(), a.node_id.to_string()),
         ("ph".into(), phase.as_str().into()),
         ("ro".into(), role.as_str().into()),
@@ -113,6 +121,26 @@ pub struct Discovery {
 #[derive(Debug, thiserror::Error)]
 #[error("mdns: {0}")]
 pub struct DiscoveryError(String);
+
+/// Keeps `entry` under `name` unless that would pass the table's bounds (an existing name
+/// is always updated).
+pub fn insert_bounded(table: &mut BTreeMap<String, Discovered>, name: String, entry: Discovered) {
+    if !table.contains_key(&name) {
+        if table.len() >= MAX_PEERS {
+            tracing::debug!(%name, "mdns peer table full; advert ignored");
+            return;
+        }
+        let same_addr = table
+            .values()
+            .filter(|d| d.addrs.iter().any(|a| entry.addrs.contains(a)))
+            .count();
+        if same_addr >= MAX_PER_ADDRESS {
+            tracing::debug!(%name, "too many adverts for one address; ignored");
+            return;
+        }
+    }
+    table.insert(name, entry);
+}
 
 impl Discovery {
     pub fn start(filter: &InterfaceFilter, advert: Advert) -> Result<Discovery, DiscoveryError> {
@@ -137,6 +165,7 @@ impl Discovery {
         let peers = d.peers.clone();
         let stop = d.stop.clone();
         let me = d.advert.node_id.clone();
+        let ours = d.advert.cluster.clone();
         std::thread::Builder::new()
             .name("clutch-mdns".into())
             .spawn(move || {
@@ -156,9 +185,11 @@ impl Discovery {
                                 s.addresses.iter().map(|a| a.to_ip_addr()).collect();
                             addrs.sort();
                             let port = get("port").and_then(|p| p.parse().ok()).unwrap_or(s.port);
+                            if get("cid").as_deref() != Some(ours.as_str()) {
+                                continue;
+                            }
                             let entry = Discovered {
                                 node_id: id,
-                                cluster_id: get("cid").unwrap_or_default(),
                                 addrs,
                                 port,
                                 phase: get("ph").and_then(|p| Phase::parse(&p)),
@@ -166,7 +197,7 @@ impl Discovery {
                                 last_seen: Instant::now(),
                             };
                             tracing::debug!(name = %s.fullname, ?entry, "mdns peer");
-                            peers.lock().unwrap().insert(s.fullname.clone(), entry);
+                            insert_bounded(&mut peers.lock().unwrap(), s.fullname.clone(), entry);
                         }
                         Ok(ServiceEvent::ServiceRemoved(_, fullname)) => {
                             peers.lock().unwrap().remove(&fullname);
@@ -241,12 +272,39 @@ mod tests {
     }
 
     #[test]
+    fn the_peer_table_is_bounded() {
+        let mut t = BTreeMap::new();
+        let entry = |ip: &str| Discovered {
+            node_id: "ab".parse().unwrap(),
+            addrs: vec![ip.parse().unwrap()],
+            port: 7373,
+            phase: None,
+            role: None,
+            last_seen: Instant::now(),
+        };
+        for i in 0..10 {
+            insert_bounded(&mut t, format!("n{i}"), entry("10.0.0.1"));
+        }
+        assert_eq!(t.len(), MAX_PER_ADDRESS);
+        insert_bounded(&mut t, "n0".into(), entry("10.0.0.1"));
+        assert_eq!(t.len(), MAX_PER_ADDRESS, "updates of a known name are kept");
+        for i in 0..200 {
+            insert_bounded(
+                &mut t,
+                format!("m{i}"),
+                entry(&format!("10.0.{}.{}", i / 200 + 1, i % 200 + 2)),
+            );
+        }
+        assert_eq!(t.len(), MAX_PEERS);
+    }
+
+    #[test]
     fn txt_never_carries_the_token() {
         let token = "super-secret-token-value-0123456789abcdef";
         let a = Advert {
             node_id: "abc".parse().unwrap(),
             hostname: "n".into(),
-            cluster_id: crate::id::cluster_id(token, "lab"),
+            cluster: crate::id::ClusterKey::new("lab", "etcd", 3, 3),
             addrs: vec![],
             port: 7443,
         };

@@ -1,45 +1,92 @@
-//! The election and join-serialisation state machines (pure: time is passed in).
+//! Who bootstraps, and how everyone else gets in (pure: time and views are passed in).
 //!
 //! Rules:
-//! - Only authenticated peers count.
-//! - If any authenticated peer knows of an existing cluster (it is bootstrapping, joining or
-//!   ready), nobody bootstraps: we join the lowest-id ready server, or wait for one.
-//! - Otherwise we wait until the authenticated set (ourselves included) reaches quorum
-//!   (`floor(expected/2)+1`) and has been unchanged for the settle window. Then the lowest id
-//!   in the set is the candidate. The candidate asks the set for votes ([`Voter`]); a node
-//!   votes for at most one candidate at a time and never for a candidate when it knows a lower
-//!   id. The candidate bootstraps only with a quorum of votes (its own included), so two
-//!   candidates can never both bootstrap: two vote quorums would share a voter.
-//!   A minority partition never reaches quorum and never bootstraps.
+//! - Only authenticated peers count, and only peers of the same [`crate::ClusterKey`] (name,
+//!   engine, expected size, servers) ever authenticate, so nodes configured differently
+//!   never count toward each other's quorum.
+//! - Evidence of a cluster is sticky: once a node knows a cluster instance (it is listed
+//!   in a bootstrap plan, or an authenticated peer is in a cluster) it keeps that knowledge
+//!   on disk and never votes or bootstraps again; it joins.
+//! - Otherwise, once the authenticated set (ourselves included) is the whole expected set
+//!   and has settled — or is at least a quorum (`floor(expected/2)+1`) and has waited the
+//!   longer partial window for the rest — the lowest id asks the set for votes. A vote is
+//!   written to disk before it is granted and is never given to another candidate until the
+//!   first releases it (it withdraws when it cannot win) or a cluster appears: like Raft's
+//!   `votedFor`, it does not lapse with time, because its candidate may have bootstrapped
+//!   and only be out of reach. With a quorum of votes the candidate publishes the bootstrap
+//!   plan (every voter it counted, the lowest `servers` ids as servers); two candidates can
+//!   never both win, since two vote quorums share a voter.
+//! - A minority partition never reaches quorum and never bootstraps.
+//! - Members listed in the plan start together from it ([`Decision::Enroll`]); nodes that
+//!   come later, replacements, and (for k3s) further servers join the running cluster one
+//!   at a time ([`Decision::Join`]).
+//! - A node that sees two cluster instances, and is in neither, joins neither.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::id::{NodeId, Phase, Role};
+use crate::engine::PlanStart;
+use crate::id::{InstanceId, NodeId, Phase, Role};
+use crate::state::Durable;
+use crate::wire::{Bootstrap, MemberInfo};
 
 /// What we know about one authenticated peer (from its latest status reply).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerView {
     pub phase: Phase,
     pub role: Role,
-    /// The peer is in, or knows of, a formed cluster.
-    pub cluster_exists: bool,
+    pub cluster: Option<InstanceId>,
+    pub bootstrap: Option<Bootstrap>,
+}
+
+impl PeerView {
+    fn ready_server(&self) -> bool {
+        self.phase == Phase::Ready && self.role == Role::Server
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Nothing to do yet; the string says why (for the status line).
+    /// Nothing to do yet; the string says why (for the status).
     Wait(String),
-    /// We are the candidate: ask these peers for votes, then bootstrap with a quorum.
+    /// We are the candidate: ask these peers for votes.
     RequestVotes(Vec<NodeId>),
-    /// A cluster exists: ask this (ready server) peer to admit us.
+    /// We hold our own vote but a lower id is here: release it and our voters.
+    Withdraw,
+    /// We published this plan: start the cluster from it.
+    Found(Bootstrap),
+    /// We are listed in this plan and start from it: ask `from` for what we need.
+    Enroll { from: NodeId, plan: Bootstrap },
+    /// A cluster exists and we are not (or not yet) in it: ask this ready server.
     Join(NodeId),
+    /// Two clusters are on the LAN and we are in neither.
+    Conflict(String),
+}
+
+/// Settings of the election.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub me: NodeId,
+    pub expected: usize,
+    pub quorum: usize,
+    /// How long the whole expected set must stay unchanged before the vote.
+    pub settle: Duration,
+    /// How long a quorum that is not the whole set waits for the rest.
+    pub partial_wait: Duration,
+}
+
+/// What the election looks at in one step.
+pub struct View<'a> {
+    pub durable: &'a Durable,
+    pub peers: &'a BTreeMap<NodeId, PeerView>,
+    /// Peers of our cluster key seen on mDNS (authenticated or not).
+    pub seen: usize,
+    /// How the engine starts a member of this role listed in a plan.
+    pub plan_start: &'a dyn Fn(Role) -> PlanStart,
 }
 
 pub struct Election {
-    me: NodeId,
-    quorum: usize,
-    settle: Duration,
+    rules: Rules,
     stable: Option<(BTreeSet<NodeId>, Instant)>,
 }
 
@@ -47,38 +94,157 @@ fn fmt_secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64().ceil() as u64)
 }
 
+fn ids(v: &[&NodeId]) -> String {
+    v.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Election {
-    pub fn new(me: NodeId, quorum: usize, settle: Duration) -> Self {
+    pub fn new(mut rules: Rules) -> Self {
+        rules.quorum = rules.quorum.max(1);
+        rules.expected = rules.expected.max(rules.quorum);
         Election {
-            me,
-            quorum: quorum.max(1),
-            settle,
+            rules,
             stable: None,
         }
     }
 
-    /// One step. `seen` = peers of our cluster seen on mDNS (authenticated or not, excluding
-    /// us); `peers` = authenticated peers.
-    pub fn step(
-        &mut self,
-        now: Instant,
-        seen: usize,
-        peers: &BTreeMap<NodeId, PeerView>,
-    ) -> Decision {
-        if let Some(d) = join_decision(peers) {
+    /// One step of the decision.
+    pub fn step(&mut self, now: Instant, v: &View<'_>) -> Decision {
+        if let Some(d) = self.planned(v) {
             self.stable = None;
             return d;
         }
-        let mut set: BTreeSet<NodeId> = peers.keys().cloned().collect();
-        set.insert(self.me.clone());
+        if let Some(d) = self.existing_cluster(v) {
+            self.stable = None;
+            return d;
+        }
+        self.vote_step(now, v)
+    }
+
+    /// A plan that lists us: ours, or one an authenticated peer carries.
+    fn planned(&self, v: &View<'_>) -> Option<Decision> {
+        let me = &self.rules.me;
+        let plan = v.durable.bootstrap.clone().or_else(|| {
+            v.peers
+                .values()
+                .filter_map(|p| p.bootstrap.as_ref())
+                .find(|b| b.member(me).is_some())
+                .cloned()
+        })?;
+        let mine = plan.member(me)?;
+        if &plan.leader == me {
+            return Some(Decision::Found(plan));
+        }
+        let start = (v.plan_start)(mine.role);
+        if start == PlanStart::OneByOne {
+            // Listed, but this engine admits such members one by one once the first is up.
+            return None;
+        }
+        let of_plan =
+            |p: &PeerView| p.bootstrap.as_ref().map(|b| &b.instance) == Some(&plan.instance);
+        let leader_up = v.peers.get(&plan.leader).is_some_and(of_plan);
+        let from = if leader_up && start == PlanStart::Together {
+            Some(plan.leader.clone())
+        } else {
+            v.peers
+                .iter()
+                .filter(|(id, p)| of_plan(p) && p.ready_server() && plan.member(id).is_some())
+                .map(|(id, _)| id.clone())
+                .next()
+        };
+        Some(match from {
+            Some(from) => Decision::Enroll { from, plan },
+            None => Decision::Wait(format!(
+                "listed in the bootstrap plan of {}; waiting for {} to answer",
+                plan.leader,
+                if start == PlanStart::Together {
+                    "it (or a ready server of the plan)"
+                } else {
+                    "a ready server of the plan"
+                }
+            )),
+        })
+    }
+
+    /// A cluster exists (we know an instance, or a peer is in one): join it.
+    fn existing_cluster(&self, v: &View<'_>) -> Option<Decision> {
+        let mut instances: BTreeMap<&InstanceId, Vec<&NodeId>> = BTreeMap::new();
+        for (id, p) in v.peers {
+            if let Some(i) = &p.cluster {
+                instances.entry(i).or_default().push(id);
+            }
+        }
+        let ours = match &v.durable.cluster {
+            Some(i) => i,
+            None if instances.len() > 1 => {
+                let list: Vec<String> = instances
+                    .iter()
+                    .map(|(i, m)| format!("{i} ({})", ids(m)))
+                    .collect();
+                return Some(Decision::Conflict(format!(
+                    "two clusters of this configuration are on the network: {}; joining neither",
+                    list.join(" and ")
+                )));
+            }
+            None => *instances.keys().next()?,
+        };
+        let target = v
+            .peers
+            .iter()
+            .find(|(_, p)| p.ready_server() && p.cluster.as_ref() == Some(ours))
+            .map(|(id, _)| id.clone());
+        Some(match target {
+            Some(t) => Decision::Join(t),
+            None => {
+                let busy: Vec<String> = v
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.cluster.as_ref() == Some(ours))
+                    .map(|(id, p)| format!("{id} {}", p.phase))
+                    .collect();
+                Decision::Wait(format!(
+                    "cluster {ours} exists ({}); waiting for one of its servers to be ready",
+                    if busy.is_empty() {
+                        "none of its members is reachable".to_string()
+                    } else {
+                        busy.join(", ")
+                    }
+                ))
+            }
+        })
+    }
+
+    fn vote_step(&mut self, now: Instant, v: &View<'_>) -> Decision {
+        let me = &self.rules.me;
+        let mut set: BTreeSet<NodeId> = v.peers.keys().cloned().collect();
+        set.insert(me.clone());
+        let lowest = set.iter().next().expect("holds me").clone();
+        match &v.durable.vote {
+            Some(c) if c == me && &lowest != me => return Decision::Withdraw,
+            Some(c) if c != me => {
+                self.stable = None;
+                return Decision::Wait(format!(
+                    "promised my bootstrap vote to {c}; waiting for it to bootstrap or withdraw"
+                ));
+            }
+            _ => {}
+        }
         let have = set.len();
-        if have < self.quorum {
+        let (needed, settle) = if have >= self.rules.expected {
+            (self.rules.expected, self.rules.settle)
+        } else {
+            (self.rules.quorum, self.rules.partial_wait)
+        };
+        if have < needed {
             self.stable = None;
             return Decision::Wait(format!(
                 "{have}/{} nodes authenticated ({} seen), need quorum {}; waiting",
-                self.quorum,
-                seen + 1,
-                self.quorum
+                self.rules.expected,
+                v.seen + 1,
+                self.rules.quorum
             ));
         }
         let since = match &self.stable {
@@ -89,16 +255,20 @@ impl Election {
             }
         };
         let elapsed = now.saturating_duration_since(since);
-        if elapsed < self.settle {
+        if elapsed < settle {
+            let what = if have >= self.rules.expected {
+                "all expected nodes here".to_string()
+            } else {
+                format!("quorum of {}, waiting for the rest", self.rules.expected)
+            };
             return Decision::Wait(format!(
-                "{have}/{} nodes authenticated, settling {}",
-                self.quorum,
-                fmt_secs(self.settle - elapsed)
+                "{have}/{} nodes authenticated ({what}), settling {}",
+                self.rules.expected,
+                fmt_secs(settle - elapsed)
             ));
         }
-        let lowest = set.iter().next().expect("set holds me").clone();
-        if lowest == self.me {
-            Decision::RequestVotes(set.into_iter().filter(|n| *n != self.me).collect())
+        if &lowest == me {
+            Decision::RequestVotes(set.into_iter().filter(|n| n != me).collect())
         } else {
             Decision::Wait(format!(
                 "{have} nodes authenticated; waiting for {lowest} (lowest id) to bootstrap"
@@ -107,67 +277,54 @@ impl Election {
     }
 }
 
-fn join_decision(peers: &BTreeMap<NodeId, PeerView>) -> Option<Decision> {
-    if !peers.values().any(|p| p.cluster_exists) {
-        return None;
+/// Decide a vote request from `candidate`. `lowest_known`: the lowest id among our
+/// authenticated set (ourselves included). On `Ok` the caller writes the vote to disk
+/// before it answers.
+pub fn consider_vote(
+    durable: &Durable,
+    candidate: &NodeId,
+    lowest_known: &NodeId,
+) -> Result<(), String> {
+    if let Some(i) = &durable.cluster {
+        return Err(format!("cluster {i} already exists"));
     }
-    let target = peers
-        .iter()
-        .find(|(_, p)| p.phase == Phase::Ready && p.role == Role::Server)
-        .map(|(id, _)| id.clone());
-    Some(match target {
-        Some(t) => Decision::Join(t),
-        None => {
-            let busy: Vec<String> = peers
-                .iter()
-                .filter(|(_, p)| p.cluster_exists)
-                .map(|(id, p)| format!("{id} {}", p.phase))
-                .collect();
-            Decision::Wait(format!(
-                "a cluster exists ({}); waiting for a ready server to join",
-                busy.join(", ")
-            ))
-        }
-    })
-}
-
-/// Vote bookkeeping: at most one candidate at a time; a promise lapses after `ttl` (so a
-/// candidate that died does not block formation forever).
-pub struct Voter {
-    ttl: Duration,
-    promised: Option<(NodeId, Instant)>,
-}
-
-impl Voter {
-    pub fn new(ttl: Duration) -> Self {
-        Voter {
-            ttl,
-            promised: None,
+    if let Some(c) = &durable.vote {
+        if c != candidate {
+            return Err(format!("already promised to {c}"));
         }
     }
+    if lowest_known < candidate {
+        return Err(format!("{lowest_known} has a lower id"));
+    }
+    Ok(())
+}
 
-    /// Decide a vote request from `candidate`. `lowest_known` is the lowest id among our
-    /// authenticated set (ourselves included); `cluster_exists` whether we know of a cluster.
-    pub fn consider(
-        &mut self,
-        candidate: &NodeId,
-        now: Instant,
-        lowest_known: &NodeId,
-        cluster_exists: bool,
-    ) -> Result<(), String> {
-        if cluster_exists {
-            return Err("a cluster already exists".into());
-        }
-        if lowest_known < candidate {
-            return Err(format!("{lowest_known} has a lower id"));
-        }
-        if let Some((p, at)) = &self.promised {
-            if p != candidate && now.saturating_duration_since(*at) < self.ttl {
-                return Err(format!("already promised to {p}"));
-            }
-        }
-        self.promised = Some((candidate.clone(), now));
-        Ok(())
+/// The bootstrap plan of `leader` from the members that voted for it (itself included):
+/// the `servers` lowest ids are servers, the rest agents.
+pub fn plan(
+    instance: InstanceId,
+    leader: NodeId,
+    mut voters: Vec<MemberInfo>,
+    servers: usize,
+) -> Bootstrap {
+    voters.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    voters.dedup_by(|a, b| a.node_id == b.node_id);
+    for (i, m) in voters.iter_mut().enumerate() {
+        m.role = role_for_joiner(i, servers.max(1));
+    }
+    Bootstrap {
+        instance,
+        leader,
+        members: voters,
+    }
+}
+
+/// The role a joiner gets: a server while fewer than `servers` servers exist.
+pub fn role_for_joiner(current_servers: usize, servers: usize) -> Role {
+    if current_servers < servers {
+        Role::Server
+    } else {
+        Role::Agent
     }
 }
 
@@ -205,15 +362,6 @@ impl Admissions {
     }
 }
 
-/// The role a joiner gets: a server while fewer than `servers` servers exist.
-pub fn role_for_joiner(current_servers: usize, servers: usize) -> Role {
-    if current_servers < servers {
-        Role::Server
-    } else {
-        Role::Agent
-    }
-}
-
 /// Exponential backoff with jitter: base·2^n capped at `max`, times a factor in [0.5, 1.0).
 pub struct Backoff {
     base: Duration,
@@ -242,200 +390,4 @@ impl Backoff {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(s: &str) -> NodeId {
-        s.parse().unwrap()
-    }
-    fn fresh() -> PeerView {
-        PeerView {
-            phase: Phase::Discovering,
-            role: Role::None,
-            cluster_exists: false,
-        }
-    }
-    fn peers(ids: &[&str]) -> BTreeMap<NodeId, PeerView> {
-        ids.iter().map(|s| (id(s), fresh())).collect()
-    }
-    const S: Duration = Duration::from_secs(5);
-
-    #[test]
-    fn waits_for_quorum_then_settle_then_lowest_requests_votes() {
-        let mut e = Election::new(id("a"), 2, S);
-        let t0 = Instant::now();
-        match e.step(t0, 1, &peers(&[])) {
-            Decision::Wait(w) => assert!(
-                w.contains("1/2 nodes authenticated (2 seen), need quorum 2"),
-                "{w}"
-            ),
-            d => panic!("{d:?}"),
-        }
-        let p = peers(&["b", "c"]);
-        match e.step(t0, 2, &p) {
-            Decision::Wait(w) => assert_eq!(w, "3/2 nodes authenticated, settling 5s"),
-            d => panic!("{d:?}"),
-        }
-        assert!(matches!(
-            e.step(t0 + Duration::from_secs(4), 2, &p),
-            Decision::Wait(_)
-        ));
-        assert_eq!(
-            e.step(t0 + S, 2, &p),
-            Decision::RequestVotes(vec![id("b"), id("c")])
-        );
-    }
-
-    #[test]
-    fn set_change_restarts_settle() {
-        let mut e = Election::new(id("a"), 2, S);
-        let t0 = Instant::now();
-        e.step(t0, 1, &peers(&["b"]));
-        e.step(t0 + Duration::from_secs(4), 2, &peers(&["b", "c"]));
-        assert!(matches!(
-            e.step(t0 + Duration::from_secs(6), 2, &peers(&["b", "c"])),
-            Decision::Wait(_)
-        ));
-        assert!(matches!(
-            e.step(t0 + Duration::from_secs(9), 2, &peers(&["b", "c"])),
-            Decision::RequestVotes(_)
-        ));
-    }
-
-    #[test]
-    fn non_lowest_waits_for_lowest() {
-        let mut e = Election::new(id("b"), 2, S);
-        let t0 = Instant::now();
-        e.step(t0, 1, &peers(&["a"]));
-        match e.step(t0 + S, 1, &peers(&["a"])) {
-            Decision::Wait(w) => assert!(w.contains("waiting for a"), "{w}"),
-            d => panic!("{d:?}"),
-        }
-    }
-
-    #[test]
-    fn minority_never_bootstraps() {
-        // 5 expected, quorum 3; two nodes cut off see only each other forever.
-        let mut e = Election::new(id("a"), 3, S);
-        let t0 = Instant::now();
-        for s in 0..100 {
-            let d = e.step(t0 + Duration::from_secs(s), 1, &peers(&["b"]));
-            assert!(matches!(d, Decision::Wait(_)), "{d:?}");
-        }
-    }
-
-    #[test]
-    fn existing_cluster_means_join_never_bootstrap() {
-        let mut e = Election::new(id("a"), 2, Duration::ZERO);
-        let t0 = Instant::now();
-        let mut p = peers(&["b", "c"]);
-        p.get_mut(&id("c")).unwrap().cluster_exists = true;
-        p.get_mut(&id("c")).unwrap().phase = Phase::Bootstrapping;
-        match e.step(t0, 2, &p) {
-            Decision::Wait(w) => assert!(w.contains("c bootstrapping"), "{w}"),
-            d => panic!("{d:?}"),
-        }
-        let c = p.get_mut(&id("c")).unwrap();
-        c.phase = Phase::Ready;
-        c.role = Role::Server;
-        assert_eq!(e.step(t0, 2, &p), Decision::Join(id("c")));
-        // an agent is not a join target
-        p.get_mut(&id("c")).unwrap().role = Role::Agent;
-        assert!(matches!(e.step(t0, 2, &p), Decision::Wait(_)));
-    }
-
-    #[test]
-    fn voter_promises_one_candidate_at_a_time() {
-        let mut v = Voter::new(Duration::from_secs(30));
-        let t0 = Instant::now();
-        assert!(v.consider(&id("a"), t0, &id("a"), false).is_ok());
-        assert!(
-            v.consider(&id("a"), t0, &id("a"), false).is_ok(),
-            "same candidate again"
-        );
-        assert!(
-            v.consider(&id("b"), t0, &id("b"), false).is_err(),
-            "promised to a"
-        );
-        assert!(
-            v.consider(&id("b"), t0 + Duration::from_secs(31), &id("b"), false)
-                .is_ok()
-        );
-        let mut v = Voter::new(Duration::from_secs(30));
-        assert!(
-            v.consider(&id("b"), t0, &id("a"), false).is_err(),
-            "knows lower id"
-        );
-        assert!(
-            v.consider(&id("a"), t0, &id("a"), true).is_err(),
-            "cluster exists"
-        );
-    }
-
-    #[test]
-    fn two_candidates_cannot_both_win_a_majority() {
-        // 5 voters; whatever order requests arrive in, at most one candidate gets >= 3.
-        let ids: Vec<NodeId> = ["a", "b", "c", "d", "e"].iter().map(|s| id(s)).collect();
-        for order in 0..32u32 {
-            let mut voters: Vec<Voter> = (0..5)
-                .map(|_| Voter::new(Duration::from_secs(30)))
-                .collect();
-            let t0 = Instant::now();
-            let (mut va, mut vb) = (0, 0);
-            for (i, v) in voters.iter_mut().enumerate() {
-                // asymmetric views: each voter's lowest known id is either a or b
-                let lowest = if order & (1 << i) != 0 {
-                    &ids[0]
-                } else {
-                    &ids[1]
-                };
-                let first_a = (order >> i) & 1 == 0;
-                let cands = if first_a {
-                    [&ids[0], &ids[1]]
-                } else {
-                    [&ids[1], &ids[0]]
-                };
-                for c in cands {
-                    if v.consider(c, t0, lowest.min(c), false).is_ok() {
-                        if *c == ids[0] { va += 1 } else { vb += 1 }
-                    }
-                }
-            }
-            assert!(!(va >= 3 && vb >= 3), "order {order}: a={va} b={vb}");
-        }
-    }
-
-    #[test]
-    fn admissions_serialise_joins() {
-        let mut a = Admissions::new(Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert!(a.begin(&id("x"), t0).is_ok());
-        assert_eq!(a.begin(&id("y"), t0), Err(id("x")));
-        assert!(
-            a.begin(&id("x"), t0).is_ok(),
-            "the pending joiner may retry"
-        );
-        a.finish(&id("x"));
-        assert!(a.begin(&id("y"), t0).is_ok());
-        assert!(
-            a.begin(&id("z"), t0 + Duration::from_secs(61)).is_ok(),
-            "timed out"
-        );
-        assert_eq!(a.pending(), Some(&id("z")));
-    }
-
-    #[test]
-    fn roles_and_backoff() {
-        assert_eq!(role_for_joiner(1, 3), Role::Server);
-        assert_eq!(role_for_joiner(3, 3), Role::Agent);
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
-        assert_eq!(b.next_delay(0.0), Duration::from_millis(250));
-        assert_eq!(b.next_delay(0.999_999).as_millis(), 999);
-        for _ in 0..10 {
-            b.next_delay(0.5);
-        }
-        assert!(b.next_delay(0.999_999) < Duration::from_secs(8));
-        b.reset();
-        assert_eq!(b.next_delay(0.0), Duration::from_millis(250));
-    }
-}
+mod tests;

@@ -1,5 +1,7 @@
-//! Cluster formation for clutch nodes (issue 4): mDNS discovery, authenticated peers,
-//! split-brain-safe election, serialised joins, and engines (etcd, k3s, none).
+//! Cluster formation for clutch nodes: mDNS discovery, password-authenticated encrypted
+//! sessions between nodes, a split-brain-safe election with durable votes, static
+//! bootstrap of everyone present, serialised joins for later nodes, and the engines (etcd
+//! with TLS, k3s, none).
 //!
 //! # How firstboot calls it
 //!
@@ -9,7 +11,8 @@
 //! # async fn run(cluster: clutch_config::Cluster) -> Result<(), clutch_cluster::Error> {
 //! // A random node id, generated once and persisted by the caller:
 //! let node_id: NodeId = NodeId::generate();
-//! let cfg = FormationConfig::new(node_id, "node-1a2b3c".into(), &cluster, "/var/lib/clutch".into())?;
+//! let host = "node-1a2b3c".try_into().unwrap();
+//! let cfg = FormationConfig::new(node_id, host, &cluster, "/var/lib/clutch".into())?;
 //! // Real engine: writes under "/", starts services with systemctl.
 //! let engine = engine_for(cluster.engine, "/".into(), Some("admin".into()));
 //! // A StatusSink of your own writes /run/clutch/status.json and the console line.
@@ -20,60 +23,70 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `form` returns once this node is `ready` (bootstrapped, joined, or resumed after a
-//! reboot from `<state_dir>/cluster.json`) and errors only when the engine failed
-//! (phase `failed`). Meanwhile every change goes to the [`StatusSink`]: phase
-//! (`discovering`, `bootstrapping`, `joining`, `ready`, `failed`), role, leader, members and
-//! a human `waiting` string ("2/3 nodes authenticated (2 seen), need quorum 3; waiting").
-//! Dropping the [`Outcome`] (or the `form` future) stops the background tasks and mDNS.
+//! `form` returns once this node is `ready` (bootstrapped, enrolled, joined, or resumed
+//! after a reboot from `<state_dir>/cluster.json`) and errors only when the engine failed
+//! (phase `failed`). Meanwhile every change goes to the [`StatusSink`].
 //!
 //! # Protocol in short
-//! - mDNS `_clutch._tcp.local.` on links carrying our own address; TXT: `cid` (HMAC of the
-//!   token over the cluster name), `id`, `ph`, `ro`, `port`. Never the token.
-//! - TCP on `listen_port`: mutual HMAC challenge–response with fresh nonces ([`auth`]),
-//!   then MAC'd, sequenced messages: status, vote, join, join-done ([`wire`]).
-//!   Failed handshakes are logged and rate-limited per source IP.
-//! - Election ([`election`]): quorum of authenticated nodes, settle window, lowest id asks
-//!   for votes and bootstraps with a quorum of votes; never when a peer knows a cluster.
-//! - Joins: the lowest-id ready server admits one joiner at a time; `servers` voting
-//!   members, the rest agents; replaced nodes (same hostname, new id) evict the stale entry.
+//! - mDNS `_clutch._tcp.local.` on links carrying our own address; TXT: `cid` (the public
+//!   [`ClusterKey`]: name, engine, expected size, servers), `id`, `ph`, `ro`, `port`.
+//! - TCP on `listen_port`: a SPAKE2 handshake keyed by the token, bound to both node ids,
+//!   node keys and the dialled address ([`handshake`]); then ChaCha20-Poly1305 sessions
+//!   ([`session`]) carrying status, votes, enrollments and joins ([`wire`]).
+//! - Election ([`election`]): durable votes, sticky cluster evidence, static bootstrap plan.
+//! - Engines ([`engine`]): etcd with TLS and client certificates from a cluster CA
+//!   ([`pki`]); k3s with server and agent tokens.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub mod auth;
+use clutch_config::{Hostname, Token};
+
 pub mod discovery;
 pub mod election;
 pub mod engine;
+pub mod handshake;
 pub mod id;
+pub mod limits;
+pub mod pki;
 mod runtime;
+pub mod secret;
+pub mod session;
+pub mod state;
 pub mod status;
 pub mod sys;
 pub mod wire;
 
 pub use discovery::InterfaceFilter;
 pub use engine::{Engine, EngineError, EtcdEngine, K3sEngine, LocalNode, NoneEngine};
-pub use id::{NodeId, Phase, Role, cluster_id};
+pub use id::{ClusterKey, Identity, InstanceId, NodeId, NodeKey, Phase, Role};
 pub use status::{LogSink, Status, StatusSink};
 pub use wire::MemberInfo;
 
-use crate::auth::RateLimiter;
-use crate::election::{Admissions, Voter};
+use crate::election::Admissions;
+use crate::limits::RateLimiter;
 use crate::runtime::{Running, Shared, State};
+use crate::state::Store;
 
-/// Default TCP port of the authenticated membership protocol.
+/// Default TCP port of the membership protocol.
 pub const DEFAULT_PORT: u16 = 7373;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cluster config: {0}")]
     Config(String),
-    #[error("state dir {0}: {1}")]
-    StateDir(PathBuf, std::io::Error),
+    #[error("state {}: {source}", path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Saving(#[from] state::StateError),
     #[error("listening on port {0}: {1}")]
-    Listen(u16, std::io::Error),
+    Listen(u16, #[source] std::io::Error),
     #[error("mDNS: {0}")]
     Discovery(String),
     #[error("engine: {0}")]
@@ -85,17 +98,19 @@ pub enum Error {
 pub struct FormationConfig {
     /// Random, persisted node id (not a MAC or hostname).
     pub node_id: NodeId,
-    pub hostname: String,
+    pub hostname: Hostname,
     pub cluster_name: String,
-    /// Shared secret (>= 32 chars); never leaves the node.
-    pub token: String,
+    /// Shared secret; never leaves the node (the handshake is a PAKE).
+    pub token: Token,
     pub expected_size: u32,
     /// Voting members wanted; the rest join as agents.
     pub servers: u32,
-    /// Holds `cluster.json` (role and membership, for rejoining after a reboot).
+    /// Holds the node key, `formation.json` (votes, plan) and `cluster.json`.
     pub state_dir: PathBuf,
-    /// How long the authenticated quorum must stay unchanged before bootstrapping.
+    /// How long the whole expected set must stay unchanged before the vote.
     pub settle: Duration,
+    /// How long a quorum that is not the whole expected set waits for the rest.
+    pub partial_wait: Duration,
     pub poll_interval: Duration,
     /// An authenticated peer not heard from for this long no longer counts.
     pub peer_timeout: Duration,
@@ -110,26 +125,27 @@ pub struct FormationConfig {
 }
 
 impl FormationConfig {
-    /// Defaults: settle 10 s, poll 1 s, peer timeout 6 s, default interface filter,
-    /// port [`DEFAULT_PORT`], mDNS on.
+    /// Defaults: settle 3 s, partial wait 30 s, poll 1 s, peer timeout 6 s, default
+    /// interface filter, port [`DEFAULT_PORT`], mDNS on.
     pub fn new(
         node_id: NodeId,
-        hostname: String,
+        hostname: Hostname,
         cluster: &clutch_config::Cluster,
         state_dir: PathBuf,
     ) -> Result<Self, Error> {
-        let token = cluster.token.as_ref().ok_or_else(|| {
+        let token = cluster.token.clone().ok_or_else(|| {
             Error::Config("cluster.token is not set (token_file not resolved?)".into())
         })?;
         Ok(FormationConfig {
             node_id,
             hostname,
             cluster_name: cluster.name.to_string(),
-            token: token.expose().to_string(),
+            token,
             expected_size: cluster.expected_size,
             servers: cluster.servers(),
             state_dir,
-            settle: Duration::from_secs(10),
+            settle: Duration::from_secs(3),
+            partial_wait: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(6),
             interfaces: InterfaceFilter::default(),
@@ -186,47 +202,61 @@ impl Outcome {
     }
 }
 
-/// Form or join the cluster; see the crate docs.
-pub async fn form(
-    cfg: FormationConfig,
-    engine: Box<dyn Engine>,
-    status: Arc<dyn StatusSink>,
-) -> Result<Outcome, Error> {
-    if cfg.token.len() < 32 {
-        return Err(Error::Config("token must be at least 32 characters".into()));
-    }
-    if cfg.expected_size == 0 {
-        return Err(Error::Config("expected_size must be >= 1".into()));
-    }
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| Error::StateDir(cfg.state_dir.clone(), e))?;
-    let cid = cluster_id(&cfg.token, &cfg.cluster_name);
-    let persisted =
-        status::load(&cfg.state_dir).filter(|p| p.node_id == cfg.node_id && p.cluster_id == cid);
-
-    // Our address on the cluster link.
-    let addr = loop {
+/// Our address on the cluster link (waits for one, reporting why).
+async fn cluster_addr(cfg: &FormationConfig, status: &dyn StatusSink) -> std::net::IpAddr {
+    loop {
         if let Some(a) = cfg.addr {
-            break a;
+            return a;
         }
         if let Some((ifname, a)) = discovery::local_addrs(&cfg.interfaces).into_iter().next() {
             tracing::info!(%ifname, addr = %a, "cluster address");
-            break a;
+            return a;
         }
         status.update(&Status {
             phase: Phase::Discovering,
             node_id: cfg.node_id.clone(),
             hostname: cfg.hostname.clone(),
             role: Role::None,
+            cluster: None,
+            vote: None,
             leader: None,
             members: vec![],
             peers_seen: 0,
             peers_authenticated: 0,
             waiting: "waiting for an IPv4 address on a usable interface".into(),
+            warnings: vec![],
             error: None,
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    }
+}
+
+/// Form or join the cluster; see the crate docs.
+pub async fn form(
+    cfg: FormationConfig,
+    engine: Box<dyn Engine>,
+    status: Arc<dyn StatusSink>,
+) -> Result<Outcome, Error> {
+    if cfg.expected_size == 0 {
+        return Err(Error::Config("expected_size must be >= 1".into()));
+    }
+    clutch_os::fs::create_dir_all_durable(&cfg.state_dir).map_err(|e| Error::State {
+        path: cfg.state_dir.clone(),
+        source: e.into(),
+    })?;
+    let identity = Identity::load_or_create(&cfg.state_dir)?;
+    let cluster_key = ClusterKey::new(
+        &cfg.cluster_name,
+        engine.name(),
+        cfg.expected_size,
+        cfg.servers,
+    );
+    let store = Store::new(&cfg.state_dir);
+    let resume = store
+        .membership()
+        .filter(|m| m.node_id == cfg.node_id && m.cluster_key == cluster_key);
+    let durable = store.durable();
+    let addr = cluster_addr(&cfg, status.as_ref()).await;
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(
         std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -244,27 +274,34 @@ pub async fn form(
         hostname: cfg.hostname.clone(),
         addr,
         cluster_name: cfg.cluster_name.clone(),
-        cluster_id: cid.clone(),
     };
-    let vote_ttl = cfg.settle * 3 + Duration::from_secs(15);
     let shared = Arc::new(Shared {
-        token: cfg.token.clone(),
+        identity,
+        cluster_key: cluster_key.clone(),
         quorum: cfg.quorum(),
         servers: cfg.servers.max(1) as usize,
         local,
         engine: Arc::from(engine),
         sink: status,
+        store,
         st: Mutex::new(State {
-            phase: Phase::Discovering,
-            role: Role::None,
-            leader: None,
-            cluster_exists: false,
+            // Resuming: start out as what we were, so peers and the status never see this
+            // node rediscover.
+            phase: if resume.is_some() {
+                Phase::Joining
+            } else {
+                Phase::Discovering
+            },
+            role: resume.as_ref().map_or(Role::None, |m| m.role),
+            leader: resume.as_ref().and_then(|m| m.leader.clone()),
+            durable,
             members: Default::default(),
-            voter: Voter::new(vote_ttl),
             admissions: Admissions::new(Duration::from_secs(180)),
             authed: Default::default(),
+            pinned: Default::default(),
             limiter: RateLimiter::new(5, Duration::from_secs(60), Duration::from_secs(30)),
             waiting: "starting discovery".into(),
+            warnings: vec![],
             error: None,
             last_sent: None,
         }),
@@ -272,11 +309,12 @@ pub async fn form(
         discovery: Mutex::new(None),
         cfg,
     });
+    let mut tasks = Vec::new();
     if shared.cfg.mdns {
         let advert = discovery::Advert {
             node_id: shared.cfg.node_id.clone(),
-            hostname: shared.cfg.hostname.clone(),
-            cluster_id: cid,
+            hostname: shared.cfg.hostname.to_string(),
+            cluster: cluster_key,
             addrs: vec![addr],
             port,
         };
@@ -286,33 +324,13 @@ pub async fn form(
         let table = d.peers.clone();
         *shared.discovery.lock().unwrap() = Some(d);
         let sh2 = shared.clone();
-        let sync = tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 let snapshot = table.lock().unwrap().clone();
                 *sh2.peers.lock().unwrap() = snapshot;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        });
-        return finish(shared, listener, persisted, vec![sync]).await;
-    }
-    finish(shared, listener, persisted, vec![]).await
-}
-
-async fn finish(
-    shared: Arc<Shared>,
-    listener: tokio::net::TcpListener,
-    persisted: Option<status::Persisted>,
-    mut tasks: Vec<tokio::task::JoinHandle<()>>,
-) -> Result<Outcome, Error> {
-    if let Some(p) = &persisted {
-        // Start out as what we were, so peers and the status sink never see us rediscover.
-        let mut st = shared.st.lock().unwrap();
-        st.phase = Phase::Joining;
-        st.role = p.role;
-        st.leader = p.leader.clone();
-        st.cluster_exists = true;
-        st.members = p.members.clone();
-        st.waiting = format!("restarting as {} after reboot", p.role);
+        }));
     }
     tasks.push(tokio::spawn(runtime::serve(listener, shared.clone())));
     tasks.push(tokio::spawn(runtime::poller(shared.clone())));
@@ -321,18 +339,19 @@ async fn finish(
         shared: shared.clone(),
     };
     shared.report();
-    let bootstrapped = match persisted {
-        Some(p) => {
-            tracing::info!(role = %p.role, "resuming cluster membership from state");
-            runtime::resume(&shared, p).await?;
-            false
+    match resume {
+        Some(m) => {
+            tracing::info!(role = %m.role, "resuming cluster membership from state");
+            runtime::resume(&shared, m).await?;
         }
-        None => {
-            runtime::elect_and_join(&shared).await?;
-            shared.st.lock().unwrap().leader.as_ref() == Some(&shared.cfg.node_id)
-        }
-    };
+        None => runtime::elect_and_join(&shared).await?,
+    }
     let st = shared.st.lock().unwrap();
+    let bootstrapped = st
+        .durable
+        .bootstrap
+        .as_ref()
+        .is_some_and(|b| &b.leader == shared.me());
     Ok(Outcome {
         role: st.role,
         leader: st.leader.clone(),

@@ -3,57 +3,12 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
-/// Result of a finished command.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CmdOutput {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl CmdOutput {
-    pub fn ok(&self) -> bool {
-        self.code == 0
-    }
-}
-
-/// Runs a program to completion.
-pub trait CommandRunner: Send + Sync {
-    fn run(
-        &self,
-        program: &str,
-        args: &[String],
-        env: &[(String, String)],
-    ) -> io::Result<CmdOutput>;
-}
-
-/// Runs commands for real.
-pub struct RealRunner;
-
-impl CommandRunner for RealRunner {
-    fn run(
-        &self,
-        program: &str,
-        args: &[String],
-        env: &[(String, String)],
-    ) -> io::Result<CmdOutput> {
-        let out = Command::new(program)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(CmdOutput {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    }
-}
+pub use clutch_os::cmd::{CmdOutput, CommandRunner, RealRunner};
+pub use clutch_os::fs::write_atomic;
 
 /// Starts and stops the engine's service.
 pub trait ServiceManager: Send + Sync {
@@ -194,27 +149,6 @@ impl Drop for ChildServices {
             self.kill(&n);
         }
     }
-}
-
-/// Write a file atomically (temp file + rename), creating parent directories.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("clutch-tmp");
-    {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
 }
 
 /// `root` joined with an absolute path (`/etc/x` under `/tmp/r` is `/tmp/r/etc/x`).

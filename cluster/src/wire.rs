@@ -1,18 +1,28 @@
-//! Framing (u32 big-endian length + JSON) and the membership messages carried over an
-//! authenticated session.
+//! What crosses the wire: framing (u32 big-endian length + body), the handshake run over a
+//! stream, and the membership messages carried, encrypted, over an established session.
+//!
+//! Everything a peer sends is typed: node ids, host names, addresses and keys are parsed
+//! into their validated types when the message is read, so a malformed value ends the
+//! session instead of reaching a file or a command line.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use clutch_config::Hostname;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::auth::{self, AuthError, Hello, Initiator, Proof, Sealed, Session};
-use crate::id::{NodeId, Phase, Role};
+use crate::engine::JoinInfo;
+use crate::handshake::{self, ClientFinish, ClientHello, Credentials, HandshakeError};
+use crate::handshake::{ServerFinish, ServerHello};
+use crate::id::{InstanceId, NodeId, NodeKey, Phase, Role};
+use crate::session::{Channel, Session};
 
+/// Largest frame inside a session.
 pub const MAX_FRAME: usize = 256 * 1024;
+/// Largest frame before authentication (hellos and finishes are a few hundred bytes).
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +35,12 @@ pub enum WireError {
     TooLarge(usize),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("authentication: {0}")]
-    Auth(#[from] AuthError),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("frame does not decrypt (altered, replayed or out of order)")]
+    Crypto,
+    #[error("session closed")]
+    Closed,
     #[error("unexpected reply")]
     Unexpected,
 }
@@ -46,15 +60,16 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Resu
     Ok(())
 }
 
-pub async fn read_frame<R: AsyncRead + Unpin>(
+async fn read_frame_max<R: AsyncRead + Unpin>(
     r: &mut R,
     timeout: Duration,
+    max: usize,
 ) -> Result<Vec<u8>, WireError> {
     let fut = async {
         let mut len = [0u8; 4];
         r.read_exact(&mut len).await?;
         let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
+        if len > max {
             return Err(WireError::TooLarge(len));
         }
         let mut buf = vec![0u8; len];
@@ -66,30 +81,80 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         .map_err(|_| WireError::Timeout)?
 }
 
-pub async fn send_json<W: AsyncWrite + Unpin, T: Serialize>(
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> Result<Vec<u8>, WireError> {
+    read_frame_max(r, timeout, MAX_FRAME).await
+}
+
+async fn send_plain<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     v: &T,
 ) -> Result<(), WireError> {
     write_frame(w, &serde_json::to_vec(v)?).await
 }
 
-pub async fn recv_json<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    r: &mut R,
-) -> Result<T, WireError> {
-    Ok(serde_json::from_slice(&read_frame(r, IO_TIMEOUT).await?)?)
+async fn recv_plain<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, WireError> {
+    let f = read_frame_max(r, IO_TIMEOUT, MAX_HANDSHAKE_FRAME).await?;
+    Ok(serde_json::from_slice(&f)?)
+}
+
+/// Runs the client side of the handshake on `stream`, which dialled `to`.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    creds: Credentials<'_>,
+    to: SocketAddr,
+) -> Result<Channel<S>, WireError> {
+    let client = handshake::Client::new(creds, to);
+    send_plain(&mut stream, client.hello()).await?;
+    let sh: ServerHello = recv_plain(&mut stream).await?;
+    let (awaiting, fin) = client.on_server_hello(&sh)?;
+    send_plain(&mut stream, &fin).await?;
+    let sf: ServerFinish = recv_plain(&mut stream).await?;
+    let est = awaiting.on_server_finish(&sf)?;
+    Ok(Channel::new(
+        stream,
+        Session::new(est.peer, est.peer_key, &est.keys),
+    ))
+}
+
+/// Runs the server side of the handshake on an accepted `stream` whose local end is `local`.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    creds: Credentials<'_>,
+    local: SocketAddr,
+) -> Result<Channel<S>, WireError> {
+    let identity = creds.identity;
+    let server = handshake::Server::new(creds, local);
+    let ch: ClientHello = recv_plain(&mut stream).await?;
+    let (awaiting, sh) = server.on_client_hello(&ch)?;
+    send_plain(&mut stream, &sh).await?;
+    let cf: ClientFinish = recv_plain(&mut stream).await?;
+    let (est, fin) = awaiting.on_client_finish(&cf, identity)?;
+    send_plain(&mut stream, &fin).await?;
+    Ok(Channel::new(
+        stream,
+        Session::new(est.peer, est.peer_key, &est.keys),
+    ))
 }
 
 /// A member of the formed cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemberInfo {
     pub node_id: NodeId,
-    pub hostname: String,
+    pub hostname: Hostname,
     pub role: Role,
-    pub addr: Option<IpAddr>,
+    pub addr: IpAddr,
+    /// The node key that authenticated it (see [`crate::handshake`]).
+    pub key: NodeKey,
 }
 
-/// Versioned member list, owned by the admitting servers; nodes adopt the highest epoch.
+/// Versioned member list, owned by the admitting servers; nodes adopt the highest epoch of
+/// their own cluster instance.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemberList {
     pub epoch: u64,
     pub members: Vec<MemberInfo>,
@@ -102,67 +167,107 @@ impl MemberList {
             .filter(|m| m.role == Role::Server)
             .count()
     }
+    pub fn get(&self, id: &NodeId) -> Option<&MemberInfo> {
+        self.members.iter().find(|m| &m.node_id == id)
+    }
     pub fn upsert(&mut self, m: MemberInfo) {
         self.members.retain(|x| x.node_id != m.node_id);
         self.members.push(m);
         self.members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         self.epoch += 1;
     }
-    /// Remove members with this hostname but another node id (a replaced node).
-    pub fn remove_stale(&mut self, hostname: &str, keep: &NodeId) -> Vec<MemberInfo> {
-        let (stale, keepers): (Vec<_>, Vec<_>) = self
-            .members
-            .drain(..)
-            .partition(|m| m.hostname == hostname && &m.node_id != keep);
-        self.members = keepers;
-        if !stale.is_empty() {
+    /// Members with this host name but another node id (a replaced node).
+    pub fn same_hostname(&self, hostname: &Hostname, keep: &NodeId) -> Vec<MemberInfo> {
+        self.members
+            .iter()
+            .filter(|m| &m.hostname == hostname && &m.node_id != keep)
+            .cloned()
+            .collect()
+    }
+    pub fn remove(&mut self, ids: &[NodeId]) {
+        let before = self.members.len();
+        self.members.retain(|m| !ids.contains(&m.node_id));
+        if self.members.len() != before {
             self.epoch += 1;
         }
-        stale
+    }
+}
+
+/// The static bootstrap plan: published once by the elected node, never changed. Every
+/// listed member whose engine starts from the plan starts with the same initial member set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    pub instance: InstanceId,
+    pub leader: NodeId,
+    pub members: Vec<MemberInfo>,
+}
+
+impl Bootstrap {
+    pub fn member(&self, id: &NodeId) -> Option<&MemberInfo> {
+        self.members.iter().find(|m| &m.node_id == id)
+    }
+    pub fn servers(&self) -> impl Iterator<Item = &MemberInfo> {
+        self.members.iter().filter(|m| m.role == Role::Server)
     }
 }
 
 /// A node's status as told to authenticated peers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PeerStatus {
     pub node_id: NodeId,
-    pub hostname: String,
+    pub hostname: Hostname,
     pub phase: Phase,
     pub role: Role,
-    pub cluster_exists: bool,
+    /// The cluster this node is in, or knows it is listed in (durable evidence).
+    pub cluster: Option<InstanceId>,
     pub leader: Option<NodeId>,
     pub members: MemberList,
+    pub bootstrap: Option<Bootstrap>,
+    /// The candidate this node has promised its bootstrap vote to, if any.
+    pub vote: Option<NodeId>,
 }
 
-/// Engine-specific data a joiner needs (e.g. etcd's initial-cluster string, k3s server URL
-/// and token). Travels only over authenticated sessions.
-pub type JoinInfo = BTreeMap<String, String>;
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Vote { candidate: NodeId },
-    Join { hostname: String, addr: IpAddr },
-    JoinDone { ok: bool, error: Option<String> },
+    /// The session's peer asks for this node's bootstrap vote (for itself).
+    Vote,
+    /// The session's peer gives up its candidacy: votes promised to it are free again.
+    Release,
+    /// A member listed in the bootstrap plan asks for what it needs to start.
+    Enroll {
+        csr: Option<String>,
+    },
+    /// A node that is not in the plan asks to be admitted to the running cluster.
+    Join {
+        hostname: Hostname,
+        addr: IpAddr,
+        csr: Option<String>,
+    },
+    JoinDone {
+        ok: bool,
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Status(PeerStatus),
+    Status(Box<PeerStatus>),
     Vote {
         granted: bool,
         reason: String,
     },
     Admitted {
         role: Role,
-        info: JoinInfo,
+        info: Box<JoinInfo>,
         leader: NodeId,
         members: MemberList,
     },
     Busy {
-        retry: bool,
         why: String,
     },
     Ack,
@@ -171,51 +276,79 @@ pub enum Response {
     },
 }
 
-/// A connected stream that knows which address it dialled; the initiator binds it into
-/// the handshake (see [`crate::auth`]) so the handshake cannot be relayed.
-pub trait Dialled {
-    fn dialled(&self) -> std::io::Result<SocketAddr>;
-}
+/// Time a request may take to be answered (admissions run the engine: `etcdctl member
+/// add`, certificate signing).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-impl Dialled for tokio::net::TcpStream {
-    fn dialled(&self) -> std::io::Result<SocketAddr> {
-        self.peer_addr()
-    }
-}
-
-/// Client side of a session.
-pub struct Client<S> {
-    stream: S,
-    session: Session,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Dialled> Client<S> {
-    /// Run the initiator handshake on `stream`.
-    pub async fn handshake(
-        mut stream: S,
-        token: &str,
-        cluster_id: &str,
-        me: &NodeId,
-    ) -> Result<Self, WireError> {
-        let to = stream.dialled()?;
-        let init = Initiator::new(token, cluster_id, me.clone(), auth::fresh_nonce()).dialing(to);
-        send_json(&mut stream, init.hello()).await?;
-        let rh: Hello = recv_json(&mut stream).await?;
-        let (awaiting, proof) = init.on_hello(&rh)?;
-        send_json(&mut stream, &proof).await?;
-        let rp: Proof = recv_json(&mut stream).await?;
-        let session = awaiting.on_proof(&rp)?;
-        Ok(Client { stream, session })
-    }
-    pub fn peer(&self) -> &NodeId {
-        self.session.peer()
-    }
+impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
+    /// Sends a request and waits for its response.
     pub async fn request(&mut self, req: &Request) -> Result<Response, WireError> {
-        let sealed = self.session.seal(serde_json::to_string(req)?);
-        send_json(&mut self.stream, &sealed).await?;
-        let reply: Sealed =
-            serde_json::from_slice(&read_frame(&mut self.stream, Duration::from_secs(120)).await?)?;
-        let body = self.session.open(&reply)?;
-        Ok(serde_json::from_str(&body)?)
+        self.send(req).await?;
+        self.recv(REQUEST_TIMEOUT).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{ClusterKey, Identity};
+
+    #[tokio::test]
+    async fn handshake_then_encrypted_requests_over_a_stream() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let cluster = ClusterKey::new("lab", "none", 1, 1);
+        let (ia, ib) = (Identity::generate(), Identity::generate());
+        let (na, nb): (NodeId, NodeId) = ("aa".parse().unwrap(), "bb".parse().unwrap());
+        let at: SocketAddr = "10.0.0.1:7373".parse().unwrap();
+        let token = b"t0123456789abcdef0123456789abcdef".to_vec();
+        let (t2, c2, ib_pub) = (token.clone(), cluster.clone(), ib.public());
+        let server = tokio::spawn(async move {
+            let mut ch = server_handshake(
+                b,
+                Credentials {
+                    token: &t2,
+                    cluster: &c2,
+                    me: &nb,
+                    identity: &ib,
+                },
+                at,
+            )
+            .await
+            .unwrap();
+            let r: Request = ch.recv(IO_TIMEOUT).await.unwrap();
+            assert!(matches!(r, Request::Status));
+            ch.send(&Response::Ack).await.unwrap();
+            ch.peer().clone()
+        });
+        let mut ch = client_handshake(
+            a,
+            Credentials {
+                token: &token,
+                cluster: &cluster,
+                me: &na,
+                identity: &ia,
+            },
+            at,
+        )
+        .await
+        .unwrap();
+        assert_eq!(ch.peer_key(), &ib_pub);
+        assert!(matches!(
+            ch.request(&Request::Status).await.unwrap(),
+            Response::Ack
+        ));
+        assert_eq!(server.await.unwrap(), "aa".parse::<NodeId>().unwrap());
+    }
+
+    #[test]
+    fn peer_values_are_validated_when_read() {
+        let bad_host = r#"{"t":"join","hostname":"a\nETCD_NAME=x","addr":"10.0.0.1","csr":null}"#;
+        assert!(serde_json::from_str::<Request>(bad_host).is_err());
+        let dash = r#"{"t":"join","hostname":"--peer-urls","addr":"10.0.0.1","csr":null}"#;
+        assert!(serde_json::from_str::<Request>(dash).is_err());
+        let ok = r#"{"t":"join","hostname":"node-1","addr":"10.0.0.1","csr":null}"#;
+        assert!(serde_json::from_str::<Request>(ok).is_ok());
+        let extra = r#"{"t":"join","hostname":"n","addr":"10.0.0.1","csr":null,"x":1}"#;
+        assert!(serde_json::from_str::<Request>(extra).is_err());
     }
 }

@@ -1,7 +1,10 @@
 //! Hostile LAN in network namespaces (needs root: `ip netns`, like tests/netns.rs):
 //! - a fake leader on mDNS that copies the cluster's public TXT, and relays that
 //!   impersonate the real nodes, all pointing at listeners the attacker controls;
-//! - a bounded flood of connections (garbage, half handshakes, slow-loris) at one node.
+//! - a bounded flood of connections (garbage, half handshakes, slow-loris) at one node,
+//!   and half handshakes held from 100 source addresses;
+//! - a token holder claiming a live node's host name;
+//! - packet captures of whole formations (etcd and k3s engines) searched for every secret.
 //!
 //! The attacker runs inside this test process, on threads that entered a namespace of its
 //! own on the lab bridge (10.77.0.13); it only talks to the lab's own addresses.
@@ -84,10 +87,6 @@ fn token_forms() -> Vec<String> {
     ]
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 // ------------------------------------------------------------------ attacker plumbing
 
 /// Everything the attacker's sockets received.
@@ -96,9 +95,12 @@ struct Loot {
     bytes: Vec<u8>,
     leader_conns: usize,
     relay_conns: usize,
-    /// Frames real nodes sent back through a relay. A responder hello would be harmless;
-    /// a proof or a sealed message would mean a session ran through the attacker.
+    /// Frames real nodes sent back through a relay. A server hello would be harmless; a
+    /// server finish (key confirmation) or an encrypted frame (not JSON) would mean a
+    /// session ran through the attacker.
     relayed_replies: Vec<Value>,
+    /// The public cluster key the attacker read from mDNS.
+    seen_cids: Vec<String>,
     /// Node ids the attacker advertised relays for.
     impersonated: Vec<String>,
 }
@@ -171,21 +173,22 @@ fn fake_leader_conn(mut s: TcpStream, cid: &str, loot: &Shared, stop: &AtomicBoo
         return;
     }
     sleep_unless(stop, Duration::from_millis(4500));
-    let hello = json!({"v": clutch_cluster::auth::PROTOCOL_VERSION, "cluster_id": cid,
-        "node_id": FAKE_ID, "nonce": random_hex(32)});
+    // A server hello with a key-exchange element of its own (anyone can make one), then a
+    // confirmation and a forged admission it cannot make valid without the token.
+    let hello = json!({"v": clutch_cluster::handshake::PROTOCOL_VERSION, "cluster": cid,
+        "node_id": FAKE_ID, "node_key": random_hex(32), "pake": format!("42{}", random_hex(32))});
     if !write_frame(&mut s, &hello) || read_frame(&mut s, loot).is_none() {
         return;
     }
     sleep_unless(stop, Duration::from_millis(4500));
-    // A proof it cannot compute, then a forged admission.
-    let forged = json!({"t": "admitted", "role": "server", "info": {}, "leader": FAKE_ID,
-        "members": {"epoch": 99, "members": [{"node_id": FAKE_ID, "hostname": "evil",
-        "role": "server", "addr": EVIL.to_string()}]}});
-    write_frame(&mut s, &json!({"mac": random_hex(32)}));
+    let forged = json!({"t": "admitted", "role": "server", "info": {"engine": "none"},
+        "leader": FAKE_ID, "members": {"epoch": 99, "members": [{"node_id": FAKE_ID,
+        "hostname": "evil", "role": "server", "addr": EVIL.to_string(), "key": random_hex(32)}]}});
     write_frame(
         &mut s,
-        &json!({"seq": 0, "body": forged.to_string(), "mac": random_hex(32)}),
+        &json!({"confirm": random_hex(32), "sig": random_hex(64)}),
     );
+    write_frame(&mut s, &forged);
     while !stop.load(Ordering::Relaxed) && read_frame(&mut s, loot).is_some() {}
 }
 
@@ -230,7 +233,9 @@ fn relay_conn(client: TcpStream, target: SocketAddr, loot: &Shared, stop: &Arc<A
         if rest.len() < 4 + n {
             break;
         }
-        let v = serde_json::from_slice(&rest[4..4 + n]).unwrap_or(Value::Null);
+        // An encrypted frame is not JSON: keep it as a marker.
+        let v =
+            serde_json::from_slice(&rest[4..4 + n]).unwrap_or_else(|_| json!({"undecodable": n}));
         loot.lock().unwrap().relayed_replies.push(v);
         rest = &rest[4 + n..];
     }
@@ -302,6 +307,7 @@ fn run_fake_leader(stop: Arc<AtomicBool>, loot: Shared, ready: Arc<AtomicBool>) 
         let (Some(cid), Some(id)) = (get("cid"), get("id")) else {
             continue;
         };
+        loot.lock().unwrap().seen_cids.push(cid.clone());
         let port: u16 = get("port").and_then(|p| p.parse().ok()).unwrap_or(s.port);
         // The same TXT, with our own claims.
         let advert = |id: &str, port: u16| -> Vec<(String, String)> {
@@ -443,9 +449,15 @@ fn fake_leader_on_mdns_diverts_nothing_and_learns_nothing() {
     assert!(loot.relay_conns > 0, "nobody dialled an impersonation");
     for v in &loot.relayed_replies {
         assert!(
-            v.get("mac").is_none() && v.get("seq").is_none(),
-            "a real node proved itself or talked in a session through the attacker's relay: {v}"
+            v.get("confirm").is_none() && v.get("undecodable").is_none(),
+            "a real node confirmed a key or talked in a session through the attacker's relay: {v}"
         );
+    }
+    // What mDNS told the attacker is the public cluster key: a hash of the name, engine and
+    // sizes, the same whatever the token, so it tests no guess of the token.
+    assert!(!loot.seen_cids.is_empty());
+    for cid in &loot.seen_cids {
+        assert_eq!(cid, &opts().cluster_key());
     }
     for word in [
         "\\\"t\\\":\\\"join",
@@ -489,8 +501,8 @@ fn flood(target: SocketAddr, cid: String, total: usize, spread: Duration) -> Flo
         std::thread::sleep(Duration::from_millis(100));
     }
     let hello = {
-        let b = serde_json::to_vec(&json!({"v": clutch_cluster::auth::PROTOCOL_VERSION,
-            "cluster_id": cid, "node_id": "ffff-flood", "nonce": random_hex(32),
+        let b = serde_json::to_vec(&json!({"v": clutch_cluster::handshake::PROTOCOL_VERSION,
+            "cluster": cid, "node_id": "ffff-flood", "node_key": random_hex(32),
             "to": target}))
         .unwrap();
         let mut f = (b.len() as u32).to_be_bytes().to_vec();
@@ -603,8 +615,8 @@ fn connection_flood_does_not_stop_formation_or_exhaust_the_node() {
     }
     let pid = lab.nodes[0].pid().unwrap();
     let target = SocketAddr::new(lab.nodes[0].ip.parse().unwrap(), PORT);
-    // The attacker learns the public cluster id from TXT; here it is simply computed.
-    let cid = clutch_cluster::cluster_id(TOKEN, "lab");
+    // The attacker reads the public cluster key from TXT; here it is simply computed.
+    let cid = opts().cluster_key();
     const TOTAL: usize = 3000;
     let attack = in_netns(&lab.nodes[3].ns, move || {
         flood(target, cid, TOTAL, Duration::from_secs(12))
@@ -668,4 +680,324 @@ fn connection_flood_does_not_stop_formation_or_exhaust_the_node() {
             "slow-loris {i} held for {t:?}"
         );
     }
+}
+
+// ------------------------------------------------------------------ 100 sources
+
+/// From each of `sources`, keep `per` half handshakes open at `target` (a valid hello,
+/// then silence until the node gives up), reopening each as soon as it is closed, until
+/// `stop`. Returns how many connections were made.
+fn hold_half_handshakes(
+    sources: Vec<Ipv4Addr>,
+    per: usize,
+    target: SocketAddr,
+    cid: String,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let made = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for src in sources {
+            for _ in 0..per {
+                let (cid, stop, made) = (cid.clone(), stop.clone(), made.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                        sock.bind(SocketAddr::new(IpAddr::V4(src), 0)).unwrap();
+                        let Ok(Ok(mut s)) =
+                            tokio::time::timeout(Duration::from_secs(2), sock.connect(target))
+                                .await
+                        else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        made.fetch_add(1, Ordering::Relaxed);
+                        let hello = serde_json::to_vec(&json!({
+                            "v": clutch_cluster::handshake::PROTOCOL_VERSION,
+                            "cluster": cid, "node_id": "ffff-holder",
+                            "node_key": random_hex(32), "to": target}))
+                        .unwrap();
+                        let _ = s.write_all(&(hello.len() as u32).to_be_bytes()).await;
+                        let _ = s.write_all(&hello).await;
+                        // Hold it until the node closes it.
+                        let mut b = [0u8; 1024];
+                        while !stop.load(Ordering::Relaxed) {
+                            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b))
+                                .await
+                            {
+                                Ok(Ok(0)) | Ok(Err(_)) => break,
+                                _ => {}
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        made.load(Ordering::Relaxed)
+    })
+}
+
+#[test]
+fn half_handshakes_held_from_100_addresses_do_not_lock_out_the_peers() {
+    if !need_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    raise_nofile();
+    let mut lab = Lab::new(3);
+    let sources: Vec<Ipv4Addr> = (100..200).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    let extra: Vec<String> = sources[1..].iter().map(|a| a.to_string()).collect();
+    let ns = lab.add_host("horde", &sources[0].to_string(), &extra);
+    // The target is the lowest id: the one that must gather votes and enroll the others.
+    let target = SocketAddr::new(lab.nodes[0].ip.parse().unwrap(), PORT);
+    let ids = ["h1", "h2", "h3"];
+    lab.start(0, ids[0], &opts());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, cid) = (stop.clone(), opts().cluster_key());
+    let horde = in_netns(&ns, move || {
+        hold_half_handshakes(sources, 4, target, cid, st)
+    });
+    // Let the horde fill every slot first.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = lab.nodes[0].pid().unwrap();
+    let t0 = Instant::now();
+    lab.start(1, ids[1], &opts());
+    lab.start(2, ids[2], &opts());
+    let mut max_fds = 0;
+    while !(0..3).all(|i| lab.nodes[i].phase() == "ready" && lab.nodes[i].members() == 3) {
+        max_fds = max_fds.max(fd_count(pid).unwrap_or(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "no formation while 100 sources hold half handshakes\n{}",
+            lab.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let formed = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let made = horde.join().unwrap();
+    eprintln!(
+        "formed {:.1}s after the peers started, beside {made} half handshakes from 100 addresses; node 0 max {max_fds} fds",
+        formed.as_secs_f64()
+    );
+    assert!(made >= 400, "the horde did not happen: {made} connections");
+    assert_eq!(lab.nodes.iter().filter(|n| n.bootstrapped()).count(), 1);
+    assert!(lab.nodes[0].bootstrapped(), "{}", lab.dump());
+    assert!(max_fds <= 200, "node 0 held {max_fds} descriptors");
+}
+
+// ------------------------------------------------------------------ claims
+
+#[test]
+fn a_token_holder_cannot_take_a_live_nodes_host_name_or_another_address() {
+    if !need_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new(3);
+    for (i, id) in ["c1", "c2", "c3"].iter().enumerate() {
+        lab.start(i, id, &opts());
+    }
+    wait_for(&lab, Duration::from_secs(40), "3 ready", |l| {
+        l.nodes
+            .iter()
+            .all(|n| n.phase() == "ready" && n.members() == 3)
+    });
+    let ns = lab.add_host("insider", "10.77.0.70", &[]);
+    let token_file = lab.nodes[0].dir.join("token");
+    let target = format!("{}:{PORT}", lab.nodes[0].ip);
+    let claim = |host: &str, addr: Option<&str>, id: &str| -> Value {
+        let mut args = vec![
+            helper().display().to_string(),
+            "claim".into(),
+            "--target".into(),
+            target.clone(),
+            "--cluster-key".into(),
+            opts().cluster_key(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--hostname".into(),
+            host.into(),
+            "--id".into(),
+            id.into(),
+        ];
+        if let Some(a) = addr {
+            args.extend(["--addr".to_string(), a.to_string()]);
+        }
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(&args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // host1 is alive: nobody may take its name (and with it, its etcd member).
+    let v = claim("host1", None, "ffff-claimant");
+    assert_eq!(v["admitted"], false, "{v}");
+    assert!(v["why"].as_str().unwrap().contains("alive"), "{v}");
+    // Nor join under another machine's address.
+    let v = claim("newcomer", Some("10.77.0.11"), "ffff-other");
+    assert_eq!(v["admitted"], false, "{v}");
+    assert!(v["why"].as_str().unwrap().contains("source"), "{v}");
+    // And the id it used is bound to its key: another key under that id is refused.
+    let v = claim("newcomer", None, "ffff-claimant");
+    assert_eq!(v["admitted"], false, "{v}");
+    std::thread::sleep(Duration::from_secs(2));
+    for n in &lab.nodes {
+        assert_eq!(n.members(), 3, "{}", lab.dump());
+        assert!(!n.ids_ever_named().contains(&"ffff-claimant".to_string()));
+    }
+    assert!(
+        lab.nodes[0]
+            .log()
+            .contains("authenticated with another key"),
+        "{}",
+        lab.dump()
+    );
+}
+
+// ------------------------------------------------------------------ packet captures
+
+/// Every way a secret could show on the wire: the text, and for PEM the lines of its
+/// base64 body and a run of its DER bytes.
+fn needles(secret: &str) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let mut v = vec![secret.trim().as_bytes().to_vec()];
+    if secret.contains("-----BEGIN") {
+        let body: String = secret.lines().filter(|l| !l.starts_with("-----")).collect();
+        for line in secret
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 24)
+        {
+            v.push(line.as_bytes().to_vec());
+        }
+        if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(body) {
+            let mid = der.len() / 2;
+            v.push(der[mid.saturating_sub(12)..(mid + 12).min(der.len())].to_vec());
+        }
+    } else {
+        v.push(hex::encode(secret.trim()).into_bytes());
+    }
+    v
+}
+
+/// Runs a whole formation of `engine` under tcpdump and checks that no secret any node
+/// holds afterwards crossed the wire in any form.
+fn capture_formation(engine: &'static str, servers: u32) {
+    let mut lab = Lab::new(3);
+    let pcap = lab.tmp.path().join(format!("{engine}.pcap"));
+    let cap = lab.capture(&pcap);
+    let o = NodeOpts {
+        engine,
+        servers,
+        ..opts()
+    };
+    for (i, id) in ["p1", "p2", "p3"].iter().enumerate() {
+        lab.start(i, id, &o);
+    }
+    wait_for(&lab, Duration::from_secs(90), "3 ready", |l| {
+        l.nodes.iter().all(|n| n.phase() == "ready")
+    });
+    if engine == "etcd" {
+        // Some real client and peer traffic too.
+        let put = lab.nodes[0].exec(&["etcdctl", "put", "k", "v"]);
+        assert!(put.status.success());
+        let get = lab.nodes[2].exec(&["etcdctl", "get", "k"]);
+        assert!(get.status.success());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let bytes = cap.finish();
+    assert!(
+        bytes.len() > 10_000,
+        "the capture caught little: {} bytes",
+        bytes.len()
+    );
+    let mut secrets: Vec<(String, String)> = token_forms()
+        .into_iter()
+        .map(|t| ("cluster token".to_string(), t))
+        .collect();
+    for n in &lab.nodes {
+        let root = n.dir.join("root");
+        for rel in [
+            "var/lib/clutch/pki/ca.key",
+            "var/lib/etcd/clutch-tls/node.key",
+            "var/lib/clutch/k3s-secret",
+            "var/lib/clutch/k3s-agent-secret",
+        ] {
+            if let Ok(s) = std::fs::read_to_string(root.join(rel)) {
+                secrets.push((format!("{rel} of node {}", n.idx), s));
+            }
+        }
+        if let Ok(s) = std::fs::read_to_string(root.join("etc/rancher/k3s/config.yaml")) {
+            for l in s
+                .lines()
+                .filter(|l| l.starts_with("token:") || l.starts_with("agent-token:"))
+            {
+                let v = l
+                    .split_once(':')
+                    .unwrap()
+                    .1
+                    .trim()
+                    .trim_matches('"')
+                    .to_string();
+                secrets.push((format!("k3s {l:.12}… of node {}", n.idx), v));
+            }
+        }
+        let seed = std::fs::read_to_string(n.dir.join("state/node-key")).unwrap();
+        secrets.push((format!("node key of node {}", n.idx), seed));
+    }
+    let kinds: BTreeSet<&str> = secrets
+        .iter()
+        .map(|(k, _)| k.split(" of ").next().unwrap())
+        .collect();
+    eprintln!(
+        "{engine}: {} bytes captured; checked {} secrets: {kinds:?}",
+        bytes.len(),
+        secrets.len()
+    );
+    if engine == "etcd" {
+        assert!(kinds.contains("var/lib/clutch/pki/ca.key"), "{kinds:?}");
+    } else {
+        assert!(
+            kinds.iter().any(|k| k.starts_with("k3s token")),
+            "{kinds:?}"
+        );
+    }
+    for (what, s) in &secrets {
+        for n in needles(s) {
+            assert!(
+                !contains(&bytes, &n),
+                "{what} crossed the wire ({} bytes matched)",
+                n.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_captured_etcd_formation_holds_no_secret() {
+    if !need_root() || !need_tool("tcpdump") || !need_tool("etcd") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    capture_formation("etcd", 3);
+}
+
+#[test]
+fn a_captured_k3s_formation_holds_no_secret() {
+    if !need_root() || !need_tool("tcpdump") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two servers and one agent: the agent token and the server token both travel.
+    capture_formation("k3s", 2);
 }

@@ -1,14 +1,18 @@
-//! k3s engine: generated files against golden files (tests/golden/k3s/), and the engine
-//! flow (bootstrap, admit with the secure K10 token, join as server and agent) with fake
-//! services and commands. `UPDATE_GOLDEN=1` rewrites the golden files.
+//! k3s engine at the command and file level (no k3s binary can be had where this runs):
+//! generated files against golden files (tests/golden/k3s/), and the engine flow — the
+//! leader founds with `--cluster-init`, agents get only the agent token, further servers
+//! get the server token and the secrets so any of them can admit — with fake services and
+//! a fake k3s. `UPDATE_GOLDEN=1` rewrites the golden files.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use clutch_cluster::engine::k3s::{self, K3sMode};
-use clutch_cluster::engine::{Engine, Joiner, LocalNode};
+use clutch_cluster::engine::k3s::{self, K3sMode, ServerSecrets};
+use clutch_cluster::engine::{Admission, Engine, JoinInfo, Joiner, LocalNode};
+use clutch_cluster::secret::Secret;
 use clutch_cluster::sys::{CmdOutput, CommandRunner, ServiceManager};
-use clutch_cluster::{K3sEngine, Role};
+use clutch_cluster::wire::MemberInfo;
+use clutch_cluster::{Identity, InstanceId, K3sEngine, Role};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/k3s")
@@ -24,17 +28,23 @@ fn check_golden(name: &str, actual: &str) {
     assert_eq!(actual, want, "{name} differs from golden file");
 }
 
-fn node(host: &str, ip: &str) -> LocalNode {
+fn node(id: &str, host: &str, ip: &str) -> LocalNode {
     LocalNode {
-        node_id: "aa".parse().unwrap(),
-        hostname: host.into(),
+        node_id: id.parse().unwrap(),
+        hostname: host.try_into().unwrap(),
         addr: ip.parse().unwrap(),
         cluster_name: "lab".into(),
-        cluster_id: "0123456789abcdef0123456789abcdef".into(),
     }
 }
 
 const CA: &[u8] = b"-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+
+fn secrets() -> ServerSecrets {
+    ServerSecrets {
+        secret: Secret::new("s3cret".into()),
+        agent_secret: Secret::new("ag3nt".into()),
+    }
+}
 
 #[derive(Default)]
 struct Services(Mutex<Vec<String>>);
@@ -73,29 +83,24 @@ impl CommandRunner for Runner {
             clutch_cluster::sys::under(&self.root, k3s::KUBECONFIG),
             "apiVersion: v1\n",
         )?;
-        Ok(CmdOutput {
-            code: 0,
-            ..Default::default()
-        })
+        Ok(CmdOutput::success(""))
     }
 }
 
 #[test]
 fn rendered_files_match_golden() {
-    let a = node("node-a", "10.0.0.1");
-    let b = node("node-b", "10.0.0.2");
-    let c = node("node-c", "10.0.0.3");
-    let token = k3s::secure_token(CA, "s3cret");
-    let init = K3sMode::Init {
-        secret: "s3cret".into(),
-    };
+    let a = node("aa", "node-a", "10.0.0.1");
+    let b = node("bb", "node-b", "10.0.0.2");
+    let c = node("cc", "node-c", "10.0.0.3");
+    let init = K3sMode::Init { secrets: secrets() };
     let srv = K3sMode::Server {
         server_url: "https://10.0.0.1:6443".into(),
-        token: token.clone(),
+        token: k3s::secure_token(CA, "server", "s3cret"),
+        agent_secret: Secret::new("ag3nt".into()),
     };
     let agent = K3sMode::Agent {
         server_url: "https://10.0.0.1:6443".into(),
-        token,
+        token: k3s::secure_token(CA, "node", "ag3nt"),
     };
     check_golden("init-config.yaml", &k3s::render_config(&a, &init));
     check_golden("server-config.yaml", &k3s::render_config(&b, &srv));
@@ -105,13 +110,20 @@ fn rendered_files_match_golden() {
 }
 
 #[test]
-fn secure_token_format() {
-    let t = k3s::secure_token(CA, "s3cret");
+fn secure_token_formats() {
+    let t = k3s::secure_token(CA, "server", "s3cret");
+    let t = t.expose();
     assert!(t.starts_with("K10"));
     let (hash, rest) = t[3..].split_once("::").unwrap();
     assert_eq!(hash.len(), 64);
     assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(rest, "server:s3cret");
+    let a = k3s::secure_token(CA, "node", "ag3nt");
+    assert!(a.expose().ends_with("::node:ag3nt"));
+    assert!(
+        !format!("{a:?}").contains("ag3nt"),
+        "tokens are never printed"
+    );
     assert_eq!(k3s::api_name("lab"), "lab-api.local");
 }
 
@@ -131,83 +143,185 @@ fn uid_gid() -> (String, String) {
     (id("-u"), id("-g"))
 }
 
+fn member(n: &LocalNode) -> MemberInfo {
+    MemberInfo {
+        node_id: n.node_id.clone(),
+        hostname: n.hostname.clone(),
+        role: Role::None,
+        addr: n.addr,
+        key: Identity::generate().public(),
+    }
+}
+
+fn engine_at(root: &Path, admin: Option<&str>) -> (K3sEngine, Arc<Services>) {
+    let services = Arc::new(Services::default());
+    let runner = Arc::new(Runner {
+        root: root.to_path_buf(),
+        calls: Mutex::new(vec![]),
+    });
+    let e = K3sEngine::new(
+        root.to_path_buf(),
+        services.clone(),
+        runner,
+        admin.map(str::to_string),
+    );
+    (e, services)
+}
+
+fn joiner(n: &LocalNode) -> Joiner {
+    Joiner {
+        node_id: n.node_id.clone(),
+        hostname: n.hostname.clone(),
+        addr: n.addr,
+        csr: None,
+    }
+}
+
+fn read(root: &Path, abs: &str) -> String {
+    std::fs::read_to_string(clutch_cluster::sys::under(root, abs)).unwrap()
+}
+
 #[test]
-fn engine_bootstrap_admit_and_join() {
+fn the_leader_founds_agents_get_agent_tokens_and_servers_get_the_secrets() {
     let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        node("aa", "node-a", "10.0.0.1"),
+        node("bb", "node-b", "10.0.0.2"),
+        node("cc", "node-c", "10.0.0.3"),
+    );
     let first = tmp.path().join("first");
     let (uid, gid) = uid_gid();
     std::fs::create_dir_all(first.join("etc")).unwrap();
+    std::fs::create_dir_all(first.join("home/admin")).unwrap();
     std::fs::write(
         first.join("etc/passwd"),
         format!("admin:x:{uid}:{gid}::/home/admin:/bin/sh\n"),
     )
     .unwrap();
-    // fixed secret so the generated config is deterministic
-    let secret_file = clutch_cluster::sys::under(&first, k3s::SECRET_FILE);
-    std::fs::create_dir_all(secret_file.parent().unwrap()).unwrap();
-    std::fs::write(&secret_file, "s3cret\n").unwrap();
-
-    let services = Arc::new(Services::default());
-    let runner = Arc::new(Runner {
-        root: first.clone(),
-        calls: Mutex::new(vec![]),
-    });
-    let e = K3sEngine::new(
-        first.clone(),
-        services.clone(),
-        runner.clone(),
-        Some("admin".into()),
+    let plan = clutch_cluster::election::plan(
+        InstanceId::generate(),
+        a.node_id.clone(),
+        vec![member(&a), member(&b), member(&c)],
+        2,
     );
-    let a = node("node-a", "10.0.0.1");
-    e.bootstrap(&a).unwrap();
-    let cfg = std::fs::read_to_string(clutch_cluster::sys::under(&first, k3s::CONFIG)).unwrap();
-    check_golden("init-config.yaml", &cfg);
+    let (leader, services) = engine_at(&first, Some("admin"));
+    leader.found(&a, &plan).unwrap();
+    let info = leader
+        .admit(&a, &joiner(&a), Role::Server, Admission::FromPlan(&plan))
+        .unwrap();
+    let JoinInfo::K3s(j) = &info else { panic!() };
+    assert!(j.init && j.token.is_none());
+    leader.join(&a, Role::Server, &info).unwrap();
+    let cfg = read(&first, k3s::CONFIG);
+    assert!(cfg.contains("cluster-init: true"), "{cfg}");
+    assert!(cfg.contains("agent-token: "), "{cfg}");
     assert_eq!(services.0.lock().unwrap().as_slice(), ["restart k3s"]);
-    assert!(runner.calls.lock().unwrap()[0].ends_with("kubectl get --raw /readyz"));
     assert_eq!(
         std::fs::read_to_string(first.join("home/admin/.kube/config")).unwrap(),
         "apiVersion: v1\n",
         "kubeconfig left for the admin user"
     );
+    let secret = read(&first, k3s::SECRET_FILE);
+    let agent_secret = read(&first, k3s::AGENT_SECRET_FILE);
+    assert_ne!(secret, agent_secret);
+    assert_eq!(secret.len(), 64, "256-bit secrets");
 
-    let joiner = Joiner {
-        node_id: "bb".parse().unwrap(),
-        hostname: "node-b".into(),
-        addr: "10.0.0.2".parse().unwrap(),
-    };
-    let info = e.admit(&a, &joiner, Role::Server, &[]).unwrap();
-    assert_eq!(info["server_url"], "https://10.0.0.1:6443");
-    assert_eq!(info["token"], k3s::secure_token(CA, "s3cret"));
+    // An agent of the plan: the agent token only.
+    let ai = leader
+        .admit(&a, &joiner(&c), Role::Agent, Admission::FromPlan(&plan))
+        .unwrap();
+    let JoinInfo::K3s(aj) = &ai else { panic!() };
+    assert!(aj.secrets.is_none(), "agents never get the server secrets");
+    let at = aj.token.as_ref().unwrap().expose().to_string();
+    assert!(at.ends_with(&format!("::node:{agent_secret}")), "{at}");
+    let croot = tmp.path().join("c");
+    let (ce, _) = engine_at(&croot, None);
+    ce.join(&c, Role::Agent, &ai).unwrap();
+    let ccfg = read(&croot, k3s::CONFIG);
+    assert!(
+        !ccfg.contains(&secret),
+        "the server secret reached an agent:\n{ccfg}"
+    );
+    assert!(!croot.join("var/lib/clutch/k3s-secret").exists());
+    check_golden_shape("agent", &read(&croot, k3s::UNIT_FILE));
 
-    for (host, ip, role, golden) in [
-        ("node-b", "10.0.0.2", Role::Server, "server-config.yaml"),
-        ("node-c", "10.0.0.3", Role::Agent, "agent-config.yaml"),
-    ] {
-        let root = tmp.path().join(host);
-        let services = Arc::new(Services::default());
-        let runner = Arc::new(Runner {
-            root: root.clone(),
-            calls: Mutex::new(vec![]),
-        });
-        let e = K3sEngine::new(root.clone(), services.clone(), runner, None);
-        e.join(&node(host, ip), role, &info).unwrap();
-        check_golden(
-            golden,
-            &std::fs::read_to_string(clutch_cluster::sys::under(&root, k3s::CONFIG)).unwrap(),
-        );
-        let unit =
-            std::fs::read_to_string(clutch_cluster::sys::under(&root, k3s::UNIT_FILE)).unwrap();
-        let want = if role == Role::Agent {
-            "agent.service"
-        } else {
-            "server.service"
-        };
-        check_golden(want, &unit);
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(clutch_cluster::sys::under(&root, k3s::CONFIG))
+    // A further server joins at runtime: server token and both secrets, so it can admit.
+    let inst = InstanceId::generate();
+    let si = leader
+        .admit(
+            &a,
+            &joiner(&b),
+            Role::Server,
+            Admission::Runtime {
+                replaces: &[],
+                instance: &inst,
+            },
+        )
+        .unwrap();
+    let broot = tmp.path().join("b");
+    let (be, _) = engine_at(&broot, None);
+    be.join(&b, Role::Server, &si).unwrap();
+    let bcfg = read(&broot, k3s::CONFIG);
+    assert!(bcfg.contains("::server:"), "{bcfg}");
+    assert!(
+        bcfg.contains(&format!("agent-token: \"{agent_secret}\"")),
+        "{bcfg}"
+    );
+    check_golden_shape("server", &read(&broot, k3s::UNIT_FILE));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(clutch_cluster::sys::under(&broot, k3s::CONFIG))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "config holds the token");
+    // ...and b, not only the leader, admits the next agent with the same agent secret.
+    let d = node("dd", "node-d", "10.0.0.4");
+    let di = be
+        .admit(
+            &b,
+            &joiner(&d),
+            Role::Agent,
+            Admission::Runtime {
+                replaces: &[],
+                instance: &inst,
+            },
+        )
+        .unwrap();
+    let JoinInfo::K3s(dj) = di else { panic!() };
+    assert!(
+        dj.token
             .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "config holds the token");
-    }
+            .expose()
+            .ends_with(&format!("::node:{agent_secret}"))
+    );
+    assert_eq!(dj.server, b.addr);
+}
+
+fn check_golden_shape(kind: &str, unit: &str) {
+    assert!(unit.contains(&format!("k3s {kind} --config")), "{unit}");
+}
+
+#[test]
+fn a_kubeconfig_link_planted_in_the_home_is_not_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("r");
+    let (uid, gid) = uid_gid();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("home/admin")).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        format!("admin:x:{uid}:{gid}::/home/admin:/bin/sh\n"),
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/shadow"), "root's secrets\n").unwrap();
+    std::os::unix::fs::symlink(root.join("etc"), root.join("home/admin/.kube")).unwrap();
+    std::fs::create_dir_all(clutch_cluster::sys::under(&root, "/etc/rancher/k3s")).unwrap();
+    std::fs::write(clutch_cluster::sys::under(&root, k3s::KUBECONFIG), "k").unwrap();
+    let (e, _) = engine_at(&root, Some("admin"));
+    assert!(e.install_kubeconfig().is_err());
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/shadow")).unwrap(),
+        "root's secrets\n"
+    );
+    assert!(!root.join("etc/config").exists());
 }

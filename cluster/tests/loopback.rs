@@ -5,10 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clutch_cluster::wire::{Client, Request, Response};
+use clutch_cluster::handshake::Credentials;
+use clutch_cluster::wire::{self, Request, Response};
 use clutch_cluster::{
-    FormationConfig, InterfaceFilter, NodeId, NoneEngine, Outcome, Phase, Status, StatusSink,
-    cluster_id, form,
+    ClusterKey, FormationConfig, Identity, InterfaceFilter, NodeId, NoneEngine, Outcome, Phase,
+    Status, StatusSink, form,
 };
 use tokio::net::TcpStream;
 
@@ -45,13 +46,14 @@ fn free_port() -> u16 {
 fn cfg(id: &str, host: &str, port: u16, seeds: &[u16], state: &std::path::Path) -> FormationConfig {
     FormationConfig {
         node_id: id.parse::<NodeId>().unwrap(),
-        hostname: host.into(),
+        hostname: host.try_into().unwrap(),
         cluster_name: "lo".into(),
-        token: TOKEN.into(),
+        token: TOKEN.to_string().try_into().unwrap(),
         expected_size: 3,
         servers: 3,
         state_dir: state.to_path_buf(),
         settle: Duration::from_millis(800),
+        partial_wait: Duration::from_secs(5),
         poll_interval: Duration::from_millis(200),
         peer_timeout: Duration::from_secs(2),
         interfaces: InterfaceFilter::default(),
@@ -64,12 +66,16 @@ fn cfg(id: &str, host: &str, port: u16, seeds: &[u16], state: &std::path::Path) 
 
 async fn start(c: FormationConfig) -> (Outcome, Arc<Record>) {
     let rec = Arc::new(Record::default());
+    let id = c.node_id.clone();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         form(c, Box::new(NoneEngine), rec.clone()),
     )
     .await
-    .expect("formation timed out")
+    .unwrap_or_else(|_| {
+        let last = rec.0.lock().unwrap().last().cloned();
+        panic!("formation of {id} timed out; last status {last:?}")
+    })
     .expect("formation failed");
     (out, rec)
 }
@@ -119,10 +125,22 @@ async fn rejoin_after_reboot_and_replaced_node_and_rate_limit() {
 
     // Rate limiting: five failed handshakes from 127.0.0.2, then even a correct one from
     // there is dropped for a while (the nodes themselves keep talking from 127.0.0.1).
-    let cid = cluster_id(TOKEN, "lo");
+    let key = ClusterKey::new("lo", "none", 3, 3);
     let me: NodeId = "zz-test".parse().unwrap();
+    let ident = Identity::generate();
+    let creds = |token: &'static str| Credentials {
+        token: token.as_bytes(),
+        cluster: &key,
+        me: &me,
+        identity: &ident,
+    };
     let target = SocketAddr::new(LO, ports[0]);
-    let ok = Client::handshake(TcpStream::connect(target).await.unwrap(), TOKEN, &cid, &me).await;
+    let ok = wire::client_handshake(
+        TcpStream::connect(target).await.unwrap(),
+        creds(TOKEN),
+        target,
+    )
+    .await;
     let mut ok = ok.expect("correct token authenticates");
     assert!(matches!(
         ok.request(&Request::Status).await.unwrap(),
@@ -130,12 +148,15 @@ async fn rejoin_after_reboot_and_replaced_node_and_rate_limit() {
     ));
     for _ in 0..5 {
         let s = from_127_0_0_2(target).await;
-        let r = Client::handshake(s, "wrong-token-0123456789abcdef0123456789", &cid, &me).await;
+        let r = wire::client_handshake(s, creds("wrong-token-0123456789abcdef0123456789"), target)
+            .await;
         assert!(r.is_err());
     }
     let s = from_127_0_0_2(target).await;
     assert!(
-        Client::handshake(s, TOKEN, &cid, &me).await.is_err(),
+        wire::client_handshake(s, creds(TOKEN), target)
+            .await
+            .is_err(),
         "source should be blocked after 5 failures"
     );
     drop(nodes);

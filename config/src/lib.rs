@@ -2,11 +2,13 @@
 //!
 //! Every loader returns a [`ConfigError`] whose message names `file:line:col` and the key.
 
+pub mod account;
 pub mod board;
 pub mod diag;
 pub mod phase;
 pub mod schema;
 pub mod types;
+pub mod zone;
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +54,30 @@ fn parse_checked<T: serde::de::DeserializeOwned>(
     let mut v: T = diag::parse_toml(path, text).map_err(|d| ConfigError::Invalid(Box::new(d)))?;
     check(&mut v).map_err(|inv| ConfigError::Invalid(Box::new(diag::locate(path, text, inv))))?;
     Ok(v)
+}
+
+/// Things in a valid image config that deserve a word (a hand-made cluster token), each
+/// located like an error.
+pub fn warnings(path: &Path, text: &str, cfg: &ImageConfig) -> Vec<Diagnostic> {
+    let mut w = Vec::new();
+    if let Some(c) = &cfg.cluster {
+        if let Some(why) = c.token.as_ref().and_then(Token::weakness) {
+            let key = if c.token_file.is_some() {
+                "cluster.token_file"
+            } else {
+                "cluster.token"
+            };
+            w.push(diag::locate(
+                path,
+                text,
+                Invalid::new(
+                    key,
+                    format!("this token looks made by hand ({why}); make one with `clutch token`"),
+                ),
+            ));
+        }
+    }
+    w
 }
 
 /// Parses and validates an image config; `*_file` secrets are read relative to its folder.

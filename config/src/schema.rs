@@ -374,7 +374,21 @@ impl ImageConfig {
             &self.storage,
             self.cluster.as_ref(),
             SecretsRequired::Yes,
-        )
+        )?;
+        self.check_os_names()
+    }
+
+    /// The user name and time zone against what a trixie root filesystem has (see
+    /// [`crate::account`] and [`crate::zone`]); the build checks them again against the
+    /// image's own files.
+    fn check_os_names(&self) -> Result<(), Invalid> {
+        if let Some(u) = &self.user {
+            crate::account::decide_without_root(&u.name)
+                .map_err(|why| Invalid::new("user.name", why.to_string()))?;
+        }
+        let packages: Vec<&str> = self.packages.iter().map(|p| p.as_str()).collect();
+        crate::zone::check_without_root(self.system.timezone.as_str(), &packages)
+            .map_err(|why| Invalid::new("system.timezone", why.to_string()))
     }
 }
 

@@ -330,7 +330,7 @@ impl TryFrom<String> for Token {
         let s = s.trim().to_string();
         if s.chars().count() < TOKEN_MIN_LEN {
             return Err(format!(
-                "token is {} characters long; it must be at least {TOKEN_MIN_LEN} (try `openssl rand -hex 32`)",
+                "token is {} characters long; it must be at least {TOKEN_MIN_LEN} (make one with `clutch token`)",
                 s.chars().count()
             ));
         }
@@ -348,6 +348,65 @@ impl From<Token> for String {
 impl Token {
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// Why this token looks made by hand (and so guessable), if it does. `clutch token`
+    /// makes 256 random bits; a PAKE keeps guesses online, but a dictionary token still
+    /// falls to a patient attacker on the LAN.
+    pub fn weakness(&self) -> Option<String> {
+        let t = self.0.as_str();
+        let len = t.chars().count();
+        let has = |f: fn(&char) -> bool| t.chars().any(|c| f(&c));
+        let alphabet = [
+            (has(char::is_ascii_lowercase), 26.0),
+            (has(char::is_ascii_uppercase), 26.0),
+            (has(char::is_ascii_digit), 10.0),
+            (has(|c| !c.is_ascii_alphanumeric()), 32.0),
+        ]
+        .iter()
+        .filter(|(h, _)| *h)
+        .map(|(_, n)| n)
+        .sum::<f64>();
+        let bits = len as f64 * alphabet.log2();
+        let mut distinct: Vec<char> = t.chars().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // Characters that read as words (lowercase runs of three or more) or as counting
+        // (0123, abcd): what people type, not what a random source gives.
+        let chars: Vec<char> = t.chars().collect();
+        let mut human = vec![false; len];
+        let mut mark = |from: usize, to: usize, min: usize| {
+            if to - from >= min {
+                human[from..to].iter_mut().for_each(|h| *h = true);
+            }
+        };
+        let mut start = 0;
+        for i in 1..=len {
+            if i == len || !(chars[i].is_ascii_lowercase() && chars[start].is_ascii_lowercase()) {
+                mark(start, i, 3);
+                start = i;
+            }
+        }
+        let mut start = 0;
+        for i in 1..=len {
+            if i == len || chars[i] as u32 != chars[i - 1] as u32 + 1 {
+                mark(start, i, 4);
+                start = i;
+            }
+        }
+        let in_words = human.iter().filter(|h| **h).count();
+        if bits < 128.0 {
+            Some(format!(
+                "it holds only about {} bits of randomness",
+                bits as u32
+            ))
+        } else if distinct.len() < 12 {
+            Some(format!("it repeats {} distinct characters", distinct.len()))
+        } else if in_words * 2 > len {
+            Some("it is made mostly of words or counting".into())
+        } else {
+            None
+        }
     }
 }
 impl fmt::Debug for Token {
@@ -584,6 +643,28 @@ mod tests {
         assert!(Token::try_from("short".to_string()).is_err());
         let t = Token::try_from("x".repeat(40)).unwrap();
         assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    }
+
+    #[test]
+    fn hand_made_tokens_are_told_apart_from_random_ones() {
+        let weak = |s: &str| Token::try_from(s.to_string()).unwrap().weakness();
+        for hand_made in [
+            "lab-token-not-secret-0123456789abcdef",
+            "correct-horse-battery-staple-sunshine",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "01234567890123456789012345678901",
+            "Password1Password1Password1Password1",
+        ] {
+            assert!(weak(hand_made).is_some(), "{hand_made}");
+        }
+        for random in [
+            // `clutch token`, `openssl rand -hex 32`, `openssl rand -base64 32`
+            "9f2c4e1a7b3d5f60818293a4b5c6d7e8f90112233445566778899aabbccddeef",
+            "3b7e1c9a0f5d2e8b4a6c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f00",
+            "q1Zr8+W0nT4yB6cV2mK9xL3pD7hF5jG0sA1uE8iO4kM=",
+        ] {
+            assert_eq!(weak(random), None, "{random}");
+        }
     }
 
     #[test]

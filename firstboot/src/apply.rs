@@ -8,7 +8,6 @@ use std::path::Path;
 use crate::facts::Paths;
 use crate::fsx;
 use crate::plan::{Action, Owner, Plan, Step};
-use crate::render::passwd_entry;
 use crate::status::StorageStatus;
 use crate::sys::Sys;
 
@@ -77,13 +76,13 @@ fn resolve_owner(paths: &Paths, owner: &Owner, path: &Path) -> io::Result<Option
         Owner::Keep => fs::metadata(path).ok().map(|m| (m.uid(), m.gid())),
         Owner::User(u) => {
             let passwd = fs::read_to_string(paths.host("/etc/passwd")).unwrap_or_default();
-            let (uid, gid, _) = passwd_entry(&passwd, u).ok_or_else(|| {
+            let e = clutch_config::account::find_user(&passwd, u).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("user {u} is not in /etc/passwd"),
                 )
             })?;
-            Some((uid, gid))
+            Some((e.uid, e.gid))
         }
     })
 }

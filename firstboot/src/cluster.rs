@@ -25,7 +25,7 @@ pub struct ClusterContext {
     pub token: Token,
     /// 32 hex digits, stable per node (`/var/lib/clutch/node-id`); also the cluster node id.
     pub node_id: String,
-    pub hostname: String,
+    pub hostname: clutch_config::Hostname,
     /// Host path of `/var/lib/clutch` (the cluster code keeps its state under it).
     pub state_dir: PathBuf,
     /// The node's root directory (`/` on a node): engines write their config under it and
@@ -122,11 +122,11 @@ pub fn map_status(s: &clutch_cluster::Status) -> StatusUpdate {
             .members
             .iter()
             .find(|m| &m.node_id == id)
-            .map(|m| m.hostname.clone())
-            .or_else(|| (id == &s.node_id).then(|| s.hostname.clone()))
+            .map(|m| m.hostname.to_string())
+            .or_else(|| (id == &s.node_id).then(|| s.hostname.to_string()))
             .unwrap_or_else(|| id.to_string()),
     };
-    let mut members: Vec<String> = s.members.iter().map(|m| m.hostname.clone()).collect();
+    let mut members: Vec<String> = s.members.iter().map(|m| m.hostname.to_string()).collect();
     members.sort();
     members.dedup();
     StatusUpdate {
@@ -331,9 +331,10 @@ mod tests {
     fn member(id: &str, host: &str) -> MemberInfo {
         MemberInfo {
             node_id: id.parse().unwrap(),
-            hostname: host.into(),
+            hostname: host.try_into().unwrap(),
             role: Role::Server,
-            addr: None,
+            addr: "10.0.0.1".parse().unwrap(),
+            key: clutch_cluster::Identity::generate().public(),
         }
     }
 
@@ -341,13 +342,16 @@ mod tests {
         clutch_cluster::Status {
             phase,
             node_id: "aa".parse().unwrap(),
-            hostname: "lab-aaaaaa".into(),
+            hostname: "lab-aaaaaa".try_into().unwrap(),
             role,
+            cluster: None,
+            vote: None,
             leader: leader.map(|l| l.parse().unwrap()),
             members: vec![member("bb", "lab-bbbbbb"), member("aa", "lab-aaaaaa")],
             peers_seen: 2,
             peers_authenticated: 2,
             waiting: String::new(),
+            warnings: vec![],
             error: None,
         }
     }

@@ -109,8 +109,12 @@ pub struct Facts {
     /// Loopback device name -> backing file, when it exists.
     pub backing: BTreeMap<String, Backing>,
     pub passwd: String,
+    pub group: String,
     pub shadow: Option<String>,
     pub keyboard: Option<String>,
+    /// Zone name -> whether `/usr/share/zoneinfo/<name>` is a compiled zone; only the names
+    /// [`zones`] was asked about.
+    pub zoneinfo: BTreeMap<String, bool>,
     /// Fault injection: where to hold ([`crate::hold`]); set by the caller from the
     /// `clutch.hold` credential, never read from the root.
     pub hold: Option<HoldPoint>,
@@ -131,8 +135,10 @@ impl Default for Facts {
             loops: BTreeMap::new(),
             backing: BTreeMap::new(),
             passwd: String::new(),
+            group: String::new(),
             shadow: None,
             keyboard: None,
+            zoneinfo: BTreeMap::new(),
             hold: None,
         }
     }
@@ -155,6 +161,7 @@ pub fn gather(paths: &Paths, loop_names: &[String]) -> Facts {
         mounts: mounts(&paths.host("/proc/self/mountinfo")),
         loops: loops(&paths.host("/sys/block")),
         passwd: fs::read_to_string(paths.host("/etc/passwd")).unwrap_or_default(),
+        group: fs::read_to_string(paths.host("/etc/group")).unwrap_or_default(),
         shadow: read_opt(&paths.host("/etc/shadow")).ok().flatten(),
         keyboard: read_opt(&paths.host("/etc/default/keyboard"))
             .ok()
@@ -192,6 +199,37 @@ pub fn gather(paths: &Paths, loop_names: &[String]) -> Facts {
         }
     }
     f
+}
+
+/// [`gather`] for a node config (none when it could not be loaded): the state of its
+/// loopback devices, and the zones its time zone may come down to.
+pub fn gather_for(paths: &Paths, config: Option<&clutch_config::NodeConfig>) -> Facts {
+    let Some(c) = config else {
+        return gather(paths, &[]);
+    };
+    let names: Vec<String> = c
+        .storage
+        .loopback
+        .iter()
+        .map(|l| l.name.to_string())
+        .collect();
+    let mut f = gather(paths, &names);
+    f.zoneinfo = zones(
+        paths,
+        &clutch_config::zone::candidates(c.system.timezone.as_str()),
+    );
+    f
+}
+
+/// Which of `names` the node has as compiled zones under /usr/share/zoneinfo.
+pub fn zones(paths: &Paths, names: &[String]) -> BTreeMap<String, bool> {
+    names
+        .iter()
+        .map(|n| {
+            let p = paths.host(Path::new(clutch_config::zone::ZONEINFO).join(n));
+            (n.clone(), clutch_config::zone::is_compiled_zone(&p))
+        })
+        .collect()
 }
 
 pub fn is_node_id(s: &str) -> bool {

@@ -137,14 +137,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let loaded =
                 clutch_firstboot::load::load(&paths, &clutch_firstboot::load::read_sources(&paths));
             let loaded = loaded.context("the node config is not usable")?;
-            let names: Vec<String> = loaded
-                .config
-                .storage
-                .loopback
-                .iter()
-                .map(|l| l.name.to_string())
-                .collect();
-            let mut f = facts::gather(&paths, &names);
+            let mut f = facts::gather_for(&paths, Some(&loaded.config));
             f.hold = clutch_firstboot::hold::requested(&RealSys);
             let fresh = clutch_firstboot::plan::Fresh {
                 node_id: "0".repeat(32),
@@ -154,6 +147,9 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("hostname: {}", plan.hostname);
             for n in &plan.notes {
                 println!("note: {n}");
+            }
+            for w in &plan.warnings {
+                println!("warning: {w}");
             }
             for s in &plan.steps {
                 println!("{}{}:", s.name, if s.marker { " (once)" } else { "" });

@@ -4,7 +4,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use clutch_config::{Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token};
+use clutch_config::account::{self, Account};
+use clutch_config::{
+    Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token, User, zone,
+};
 
 use crate::facts::{Facts, Paths, RootDisk, is_node_id};
 use crate::hold::HoldPoint;
@@ -193,6 +196,10 @@ pub struct Plan {
     pub cluster: Option<(Cluster, Token)>,
     /// Things worth a log line (skipped root grow, ...).
     pub notes: Vec<String>,
+    /// Settings applied otherwise than given, for the status (see [`crate::status`]).
+    pub warnings: Vec<String>,
+    /// The login user this plan sets up (none when the config has none or it was refused).
+    pub user: Option<String>,
 }
 
 impl Plan {
@@ -333,6 +340,8 @@ pub fn plan_safe(paths: &Paths, facts: &Facts, fresh: &Fresh) -> Plan {
         storage: Vec::new(),
         cluster: None,
         notes: Vec::new(),
+        warnings: Vec::new(),
+        user: None,
     }
 }
 
@@ -361,10 +370,14 @@ pub fn plan(
     if !loaded.secret_actions.is_empty() {
         steps.push(Step::every_boot("secrets", loaded.secret_actions.clone()));
     }
-    steps.push(Step::every_boot("users", users(paths, facts, loaded)));
+    let mut warnings = Vec::new();
+    let login = login_account(facts, c.user.as_ref(), &mut warnings);
+    if let Some((u, account)) = &login {
+        steps.push(Step::every_boot("users", users(paths, facts, u, account)));
+    }
     if let Some(pw) = &loaded.extras.plain_password {
         if !facts.done.contains("custom-password") {
-            if let Some(u) = &c.user {
+            if let Some((u, _)) = &login {
                 let mut cmd = Cmd::new("chpasswd", &["-R"]).arg_path(&paths.root);
                 cmd.stdin = Some(format!("{}:{pw}\n", u.name));
                 steps.push(Step::once("custom-password", vec![Action::Run(cmd)]));
@@ -372,7 +385,10 @@ pub fn plan(
         }
     }
     steps.push(Step::every_boot("ssh", ssh(c)));
-    steps.push(Step::every_boot("system", system(facts, loaded)));
+    steps.push(Step::every_boot(
+        "system",
+        system(facts, loaded, &mut warnings),
+    ));
     let has_wlan0 = facts.links.iter().any(|l| l.name == "wlan0");
     steps.push(Step::every_boot("network", network(c, has_wlan0)));
     let mut notes = Vec::new();
@@ -471,6 +487,8 @@ pub fn plan(
         storage,
         cluster,
         notes,
+        warnings,
+        user: login.map(|(u, _)| u.name.to_string()),
     })
 }
 
@@ -525,23 +543,40 @@ fn grow(r: &RootDisk, hold: bool, notes: &mut Vec<String>) -> Result<Vec<Action>
     Ok(a)
 }
 
-fn users(paths: &Paths, facts: &Facts, loaded: &Loaded) -> Vec<Action> {
-    let Some(u) = &loaded.config.user else {
-        return Vec::new();
-    };
+/// The login user by the config crate's rule ([`clutch_config::account`]) against this
+/// node's own /etc/passwd and /etc/group. A refused name (a system account such as
+/// `daemon`, a privileged group such as `disk`) is a warning: no account is created or
+/// changed, and the node still comes up.
+fn login_account<'a>(
+    facts: &Facts,
+    user: Option<&'a User>,
+    warnings: &mut Vec<String>,
+) -> Option<(&'a User, Account)> {
+    let u = user?;
+    match account::decide(&u.name, &facts.passwd, &facts.group) {
+        Ok(a) => Some((u, a)),
+        Err(why) => {
+            warnings.push(format!("user.name: {why}; no user was created or changed"));
+            None
+        }
+    }
+}
+
+fn users(paths: &Paths, facts: &Facts, u: &User, account: &Account) -> Vec<Action> {
     let name = u.name.to_string();
     let mut a = Vec::new();
-    let entry = render::passwd_entry(&facts.passwd, &name);
-    if entry.is_none() {
-        let mut cmd = Cmd::new("useradd", &["-R"]).arg_path(&paths.root);
-        cmd.args
-            .extend(["-m", "-U", "-s", "/bin/bash"].map(String::from));
-        cmd.args.push(name.clone());
-        a.push(Action::Run(cmd));
-    }
-    let home = entry
-        .map(|e| e.2)
-        .unwrap_or_else(|| format!("/home/{name}"));
+    let home = match account {
+        Account::Existing(e) => e.home.clone(),
+        new => {
+            let mut cmd = Cmd::new("useradd", &["-R"]).arg_path(&paths.root);
+            cmd.args.extend(["-m", "-s", "/bin/bash"].map(String::from));
+            cmd.args
+                .extend(new.useradd_group_args().iter().map(|s| s.to_string()));
+            cmd.args.push(name.clone());
+            a.push(Action::Run(cmd));
+            format!("/home/{name}")
+        }
+    };
     let sudoers = PathBuf::from(format!("/etc/sudoers.d/clutch-{name}"));
     if u.sudo {
         a.push(write(sudoers, render::sudoers(&name), 0o440));
@@ -605,15 +640,31 @@ fn ssh(c: &NodeConfig) -> Vec<Action> {
     a
 }
 
-fn system(facts: &Facts, loaded: &Loaded) -> Vec<Action> {
-    let tz = loaded.config.system.timezone.as_str();
-    let mut a = vec![
-        Action::Symlink {
-            path: "/etc/localtime".into(),
-            target: PathBuf::from("/usr/share/zoneinfo").join(tz),
-        },
-        write("/etc/timezone", format!("{tz}\n"), 0o644),
-    ];
+/// The zone for /etc/localtime by [`zone::for_node`]: the configured one, else the modern
+/// zone a legacy name stands for, else UTC (each with a warning); `None` when the node has
+/// not even that, so /etc/localtime is removed (which means UTC) rather than left dangling.
+fn node_timezone(facts: &Facts, configured: &str, warnings: &mut Vec<String>) -> Option<String> {
+    let shipped = |n: &str| facts.zoneinfo.get(n).copied().unwrap_or(false);
+    let (tz, warning) = zone::for_node(configured, shipped);
+    warnings.extend(warning);
+    shipped(&tz).then_some(tz)
+}
+
+fn system(facts: &Facts, loaded: &Loaded, warnings: &mut Vec<String>) -> Vec<Action> {
+    let configured = loaded.config.system.timezone.as_str();
+    let mut a = match node_timezone(facts, configured, warnings) {
+        Some(tz) => vec![
+            Action::Symlink {
+                path: "/etc/localtime".into(),
+                target: Path::new(zone::ZONEINFO).join(&tz),
+            },
+            write("/etc/timezone", format!("{tz}\n"), 0o644),
+        ],
+        None => vec![
+            remove("/etc/localtime"),
+            write("/etc/timezone", format!("{}\n", zone::FALLBACK), 0o644),
+        ],
+    };
     if let Some(k) = &loaded.extras.keymap {
         a.push(write(
             "/etc/default/keyboard",

@@ -149,18 +149,6 @@ pub fn shadow_with_hash(shadow: &str, user: &str, hash: &str) -> Option<String> 
     found.then(|| lines.join("\n") + "\n")
 }
 
-/// `(uid, gid, home)` of `user` in an `/etc/passwd` text.
-pub fn passwd_entry(passwd: &str, user: &str) -> Option<(u32, u32, String)> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if f.len() >= 7 && f[0] == user {
-            Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string()))
-        } else {
-            None
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +176,7 @@ mod tests {
     }
 
     #[test]
-    fn shadow_and_passwd() {
+    fn shadow_hash_replaced() {
         let s = "root:*:19000:0:99999:7:::\nadmin:!:19000:0:99999:7:::\n";
         let n = shadow_with_hash(s, "admin", "$y$j9T$abc").unwrap();
         assert_eq!(
@@ -196,12 +184,6 @@ mod tests {
             "root:*:19000:0:99999:7:::\nadmin:$y$j9T$abc:19000:0:99999:7:::\n"
         );
         assert!(shadow_with_hash(s, "bob", "$y$x").is_none());
-        let p = "root:x:0:0:root:/root:/bin/bash\nadmin:x:1000:1000::/home/admin:/bin/bash\n";
-        assert_eq!(
-            passwd_entry(p, "admin"),
-            Some((1000, 1000, "/home/admin".into()))
-        );
-        assert_eq!(passwd_entry(p, "bob"), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::apply::{Outcome, apply};
 use crate::cluster::{ClusterContext, form_cluster};
-use crate::facts::{Paths, gather};
+use crate::facts::{Paths, gather_for};
 use crate::load::{load, read_sources};
 use crate::plan::{Fresh, Plan, plan, plan_safe};
 use crate::status::{Phase, StatusSink, StatusUpdate};
@@ -36,17 +36,7 @@ pub fn run(
     fetch_error: Option<&str>,
 ) -> Report {
     let loaded = load(paths, &read_sources(paths));
-    let names: Vec<String> = match &loaded {
-        Ok(l) => l
-            .config
-            .storage
-            .loopback
-            .iter()
-            .map(|l| l.name.to_string())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    let mut facts = gather(paths, &names);
+    let mut facts = gather_for(paths, loaded.as_ref().ok().map(|l| &l.config));
     facts.hold = crate::hold::requested(sys);
     let fresh = Fresh {
         node_id: hex_random(sys),
@@ -71,6 +61,9 @@ pub fn run(
     for n in &the_plan.notes {
         tracing::info!("{n}");
     }
+    for w in &the_plan.warnings {
+        tracing::warn!("{w}");
+    }
     let role = if the_plan.cluster.is_some() {
         "pending"
     } else {
@@ -79,6 +72,7 @@ pub fn run(
     sink.set(StatusUpdate {
         hostname: Some(the_plan.hostname.to_string()),
         node_id: Some(the_plan.node_id.clone()),
+        warnings: Some(the_plan.warnings.clone()),
         ..StatusUpdate::phase(Phase::Configuring).role(role)
     });
 
@@ -106,14 +100,10 @@ pub fn run(
                 cluster: cluster.clone(),
                 token: token.clone(),
                 node_id: the_plan.node_id.clone(),
-                hostname: the_plan.hostname.to_string(),
+                hostname: the_plan.hostname.clone(),
                 state_dir: paths.state(""),
                 root: paths.root.clone(),
-                admin_user: loaded
-                    .as_ref()
-                    .ok()
-                    .and_then(|l| l.config.user.as_ref())
-                    .map(|u| u.name.to_string()),
+                admin_user: the_plan.user.clone(),
             };
             if let Err(e) = form_cluster(&ctx, sink) {
                 tracing::error!("cluster: {e}");

@@ -34,6 +34,10 @@ pub struct Status {
     pub leader: String,
     pub members: Vec<String>,
     pub storage: Vec<StorageStatus>,
+    /// Settings this node could not apply as given, and what it did instead (a legacy time
+    /// zone mapped, a user name refused); the node still comes up.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub error: Option<String>,
     /// Cluster formation: why this node is waiting (peers seen vs needed, settle time), or
     /// empty. Beyond SPEC's keys, for people asking "why is it stuck".
@@ -51,6 +55,7 @@ impl Default for Status {
             leader: String::new(),
             members: Vec::new(),
             storage: Vec::new(),
+            warnings: Vec::new(),
             error: None,
             waiting: String::new(),
         }
@@ -111,6 +116,9 @@ impl Status {
         if !self.waiting.is_empty() {
             s += &format!("waiting:  {}\n", self.waiting);
         }
+        for w in &self.warnings {
+            s += &format!("warning:  {w}\n");
+        }
         if let Some(e) = &self.error {
             s += &format!("error:    {e}\n");
         }
@@ -139,6 +147,9 @@ impl Status {
         if let Some(s) = u.storage {
             self.storage = s;
         }
+        if let Some(w) = u.warnings {
+            self.warnings = w;
+        }
         if let Some(e) = u.error {
             self.error = e;
         }
@@ -158,6 +169,7 @@ pub struct StatusUpdate {
     pub leader: Option<String>,
     pub members: Option<Vec<String>>,
     pub storage: Option<Vec<StorageStatus>>,
+    pub warnings: Option<Vec<String>>,
     pub error: Option<Option<String>>,
     pub waiting: Option<String>,
 }
@@ -298,11 +310,13 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         for k in [
-            "phase", "hostname", "node_id", "role", "leader", "members", "storage", "error",
+            "phase", "hostname", "node_id", "role", "leader", "members", "storage", "warnings",
+            "error",
         ] {
             assert!(keys.contains(&k.to_string()), "{k} missing from {v}");
         }
         assert_eq!(v["phase"], "configuring");
+        assert_eq!(v["warnings"], serde_json::json!([]));
         assert!(v["error"].is_null());
     }
 

@@ -63,6 +63,20 @@ impl Node {
             &r.join("etc/shadow"),
             "root:*:20000:0:99999:7:::\nadmin:!:20000:0:99999:7:::\n",
         );
+        write(
+            &r.join("etc/group"),
+            "root:x:0:\ndaemon:x:1:\ndisk:x:6:\nsudo:x:27:admin\noperator:x:37:\nusers:x:100:\nadmin:x:1000:\n",
+        );
+        // trixie's tzdata: compiled zones, no legacy names.
+        for z in [
+            "Etc/UTC",
+            "Europe/London",
+            "Europe/Berlin",
+            "America/New_York",
+        ] {
+            write(&r.join("usr/share/zoneinfo").join(z), "TZif2 compiled zone");
+        }
+        std::os::unix::fs::symlink("Etc/UTC", r.join("usr/share/zoneinfo/UTC")).unwrap();
         fs::create_dir_all(r.join("dev")).unwrap();
         add_link(r, "enp0s3", 2, "52:54:00:12:34:56", true, false);
         add_root_disk(r, 4_194_304, 264_192, 1_048_576);
@@ -833,7 +847,7 @@ fn missing_user_is_created() {
     let n = Node::new(Some(&cfg));
     let (rep, _, calls) = n.boot();
     assert!(
-        calls.contains(&"run useradd -R $ROOT -m -U -s /bin/bash ops".to_string()),
+        calls.contains(&"run useradd -R $ROOT -m -s /bin/bash --user-group ops".to_string()),
         "{calls:#?}"
     );
     // The fake useradd made no passwd entry, so owning the keys fails visibly.
@@ -1072,7 +1086,7 @@ fn plan_is_deterministic_data() {
     let n = Node::new(Some(&basic()));
     let paths = &n.paths;
     let loaded = crate::load::load(paths, &crate::load::read_sources(paths)).unwrap();
-    let facts = crate::facts::gather(paths, &["data0".into()]);
+    let facts = crate::facts::gather_for(paths, Some(&loaded.config));
     let fresh = crate::plan::Fresh {
         node_id: "abcdef".repeat(5) + "ab",
         machine_id: "1".repeat(32),
@@ -1350,4 +1364,94 @@ fn everything_is_synced_before_ready() {
     let sync = pos(&calls, "syncfs $ROOT");
     assert!(sync > pos(&calls, "run ssh-keygen"));
     assert!(sync < pos(&calls, "notify READY=1"));
+}
+
+/// The user-name rule of the config crate at first boot: a system account's name is a
+/// warning, never a failed node, and that account gets no keys, shell or sudo.
+#[test]
+fn a_system_account_as_user_name_is_a_warning_and_nothing_is_touched() {
+    let n = Node::new(Some(
+        &basic().replace("name = \"admin\"", "name = \"daemon\""),
+    ));
+    write(
+        &n.paths.host("/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\nadmin:x:1000:1000::/home/admin:/bin/bash\n",
+    );
+    let (rep, lines, calls) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert!(lines.last().unwrap().starts_with("clutch: phase=ready"));
+    assert!(rep.plan.step("users").is_none(), "{:?}", rep.plan.steps);
+    assert_eq!(
+        rep.plan.user, None,
+        "no admin user for the cluster tools either"
+    );
+    assert!(!has(&calls, "run useradd"), "{calls:#?}");
+    assert!(!n.exists("/etc/sudoers.d/clutch-daemon"));
+    assert!(!n.exists("/usr/sbin/.ssh"));
+    let st = n.status();
+    assert_eq!(st.warnings.len(), 1, "{:?}", st.warnings);
+    assert!(
+        st.warnings[0].starts_with("user.name: `daemon` is a system account (uid 1)")
+            && st.warnings[0].ends_with("no user was created or changed"),
+        "{}",
+        st.warnings[0]
+    );
+    assert!(st.human().contains("warning:  user.name: `daemon`"));
+}
+
+/// custom.toml naming the user like a base-system group (Raspberry Pi Imager lets anyone
+/// type `operator`): the user is made with primary group `users`, as the builder would.
+#[test]
+fn custom_toml_user_named_like_a_group_gets_the_users_group() {
+    let n = pi_node(&CUSTOM.replace("name = \"pi\"", "name = \"operator\""));
+    let (rep, _, calls) = n.boot();
+    assert!(
+        calls.contains(
+            &"run useradd -R $ROOT -m -s /bin/bash --no-user-group --gid users operator"
+                .to_string()
+        ),
+        "{calls:#?}"
+    );
+    assert_eq!(rep.plan.user.as_deref(), Some("operator"));
+    // The fake useradd made no passwd entry, so owning the keys fails visibly.
+    assert!(
+        rep.error
+            .unwrap()
+            .contains("user operator is not in /etc/passwd")
+    );
+}
+
+#[test]
+fn custom_toml_legacy_time_zone_is_mapped_to_the_modern_one() {
+    let n = pi_node(&CUSTOM.replace("Europe/Berlin", "US/Eastern"));
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.error, None);
+    assert_eq!(
+        fs::read_link(n.paths.host("/etc/localtime")).unwrap(),
+        Path::new("/usr/share/zoneinfo/America/New_York")
+    );
+    assert_eq!(n.read("/etc/timezone"), "America/New_York\n");
+    let w = n.status().warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("`US/Eastern` is a legacy name"), "{w:?}");
+    assert!(w[0].contains("using `America/New_York`"), "{w:?}");
+}
+
+#[test]
+fn an_unknown_time_zone_keeps_utc_and_never_dangles() {
+    let n = Node::new(Some(&basic().replace("Europe/London", "Europe/Atlantis")));
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert_eq!(
+        fs::read_link(n.paths.host("/etc/localtime")).unwrap(),
+        Path::new("/usr/share/zoneinfo/UTC")
+    );
+    assert!(n.status().warnings[0].contains("no time zone `Europe/Atlantis`"));
+    // A node without even UTC (no tzdata): no /etc/localtime at all, which means UTC.
+    fs::remove_dir_all(n.paths.host("/usr/share/zoneinfo")).unwrap();
+    n.reboot();
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    assert!(!n.exists("/etc/localtime"));
+    assert_eq!(n.read("/etc/timezone"), "UTC\n");
 }

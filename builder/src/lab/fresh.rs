@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
-use sha2::Digest;
 
 use crate::data;
 
@@ -22,7 +21,7 @@ pub enum Freshness {
 /// What the decision looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inputs {
-    /// sha256 of the config file's text now.
+    /// The config's digest now (as the build writes it: [`crate::manifest::config_digest`]).
     pub config_sha256: String,
     /// `config_sha256` in the image's manifest.json (`None`: no readable manifest).
     pub manifest_config_sha256: Option<String>,
@@ -97,7 +96,7 @@ pub fn inputs(config: &Path, data_dir: Option<&Path>, image: &Path) -> Result<In
         newest_in(&exe, &mut newest);
     }
     Ok(Inputs {
-        config_sha256: hex::encode(sha2::Sha256::digest(text.as_bytes())),
+        config_sha256: crate::manifest::config_digest(&text),
         manifest_config_sha256,
         image_mtime: mtime(image),
         newest_input: newest,
@@ -151,8 +150,7 @@ mod tests {
         let i = inputs(&cfg, Some(&ws), &img).unwrap();
         assert_eq!(judge(&i), Freshness::Missing);
         std::fs::write(&img, b"x").unwrap();
-        let text = std::fs::read(&cfg).unwrap();
-        let sha = hex::encode(sha2::Sha256::digest(&text));
+        let sha = crate::manifest::config_digest(&std::fs::read_to_string(&cfg).unwrap());
         std::fs::write(
             out.path().join("manifest.json"),
             format!("{{\"config_sha256\":\"{sha}\"}}"),

@@ -1,28 +1,39 @@
-//! Test helper: one clutch cluster node (or a probe) as a process, so tests can run many of
-//! them in network namespaces.
+//! Test helper (not installed on images): one clutch cluster node, or one attacker probe, as
+//! a process, so tests can run many of them in network namespaces.
 //!
 //! ```text
 //! clutch-cluster-node node  --id ID --hostname H --cluster NAME --token-file F --expected N
-//!                    --servers S --state-dir D --settle-ms MS --engine none|etcd
-//!                    [--root R] --status-file F
-//! clutch-cluster-node probe  --target IP:PORT --cid CID --token-file F      (tries to authenticate)
-//! clutch-cluster-node replay --target IP:PORT --cluster NAME --token-file F (records, then replays)
+//!                    --servers S --state-dir D --settle-ms MS --engine none|etcd|k3s
+//!                    --root R --status-file F [--partial-ms MS]
+//! clutch-cluster-node probe  --target IP:PORT --cluster-key K --token-file F
+//!     tries to authenticate; prints what it got
+//! clutch-cluster-node replay --target IP:PORT --cluster-key K --token-file F
+//!     records a genuine handshake, then replays it on a new connection
+//! clutch-cluster-node claim  --target IP:PORT --cluster-key K --token-file F --hostname H
+//!                    [--addr IP] [--id ID]
+//!     a token holder asks to join under host name H (and address IP)
 //! ```
-//! Every status update is appended to the status file as one JSON line; the outcome
-//! (or error) of `form` too, as `{"outcome": ...}`. Probes print one JSON line on stdout.
+//! Every status update is appended to the status file as one JSON line; the outcome (or
+//! error) of `form` too, as `{"outcome": ...}`. Probes print one JSON line on stdout.
+//!
+//! `--engine k3s` runs the real k3s engine with a stand-in for the k3s binary and systemd
+//! (k3s cannot be downloaded where this is tested): on its first command it writes a server
+//! CA and kubeconfig as k3s would, and every health check passes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clutch_cluster::auth::{self, Hello, Initiator, Proof};
-use clutch_cluster::sys::{ChildServices, ChildUnit, RealRunner};
-use clutch_cluster::wire::{self, Client, Request, Response};
+use clutch_cluster::handshake::{self, ClientHello, Credentials, ServerFinish, ServerHello};
+use clutch_cluster::sys::{ChildServices, ChildUnit, CmdOutput, CommandRunner, RealRunner};
+use clutch_cluster::wire::{self, Request, Response};
 use clutch_cluster::{
-    EtcdEngine, FormationConfig, InterfaceFilter, NodeId, NoneEngine, Status, StatusSink, form,
+    ClusterKey, EtcdEngine, FormationConfig, Identity, InterfaceFilter, K3sEngine, NodeId,
+    NoneEngine, Status, StatusSink, form,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 struct FileSink(Mutex<std::fs::File>);
@@ -67,41 +78,56 @@ async fn main() {
         "node" => node(a).await,
         "probe" => probe(a).await,
         "replay" => replay(a).await,
+        "claim" => claim(a).await,
         _ => {
-            eprintln!("usage: clutch-cluster-node node|probe|replay --key value ...");
+            eprintln!("usage: clutch-cluster-node node|probe|replay|claim --key value ...");
             std::process::exit(2);
         }
     }
 }
 
-async fn node(a: HashMap<String, String>) {
-    let status_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&a["status-file"])
-        .unwrap();
-    let sink = Arc::new(FileSink(Mutex::new(status_file)));
-    let expected: u32 = a["expected"].parse().unwrap();
-    let cfg = FormationConfig {
-        node_id: a["id"].parse::<NodeId>().unwrap(),
-        hostname: a["hostname"].clone(),
-        cluster_name: a["cluster"].clone(),
-        token: token(&a),
-        expected_size: expected,
-        servers: a["servers"].parse().unwrap(),
-        state_dir: PathBuf::from(&a["state-dir"]),
-        settle: Duration::from_millis(a["settle-ms"].parse().unwrap()),
-        poll_interval: Duration::from_millis(500),
-        peer_timeout: Duration::from_secs(4),
-        interfaces: InterfaceFilter::default(),
-        listen_port: clutch_cluster::DEFAULT_PORT,
-        mdns: true,
-        seeds: vec![],
-        addr: None,
-    };
-    let engine: Box<dyn clutch_cluster::Engine> = match a.get("engine").map(String::as_str) {
+/// Stands in for the k3s binary and systemctl: once asked anything, the "server" has a CA
+/// and a kubeconfig, and is healthy.
+struct FakeK3s {
+    root: PathBuf,
+}
+
+impl CommandRunner for FakeK3s {
+    fn run(&self, _p: &str, _a: &[String], _e: &[(String, String)]) -> std::io::Result<CmdOutput> {
+        use clutch_cluster::engine::k3s;
+        let ca = clutch_cluster::sys::under(&self.root, k3s::SERVER_CA);
+        if !ca.exists() {
+            std::fs::create_dir_all(ca.parent().unwrap())?;
+            std::fs::write(&ca, fake_ca(&self.root))?;
+        }
+        let kc = clutch_cluster::sys::under(&self.root, k3s::KUBECONFIG);
+        std::fs::create_dir_all(kc.parent().unwrap())?;
+        std::fs::write(kc, "apiVersion: v1\n")?;
+        Ok(CmdOutput::success(""))
+    }
+}
+
+fn fake_ca(root: &Path) -> String {
+    format!(
+        "-----BEGIN CERTIFICATE-----\nfake k3s server CA of {}\n-----END CERTIFICATE-----\n",
+        root.display()
+    )
+}
+
+struct NoServices;
+impl clutch_cluster::sys::ServiceManager for NoServices {
+    fn restart(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn stop(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn engine(a: &HashMap<String, String>) -> Box<dyn clutch_cluster::Engine> {
+    let root = PathBuf::from(&a["root"]);
+    match a.get("engine").map(String::as_str) {
         Some("etcd") => {
-            let root = PathBuf::from(&a["root"]);
             let mut units = HashMap::new();
             units.insert(
                 "etcd".to_string(),
@@ -123,9 +149,41 @@ async fn node(a: HashMap<String, String>) {
             e.health_timeout = Duration::from_secs(60);
             Box::new(e)
         }
+        Some("k3s") => {
+            let runner = Arc::new(FakeK3s { root: root.clone() });
+            Box::new(K3sEngine::new(root, Arc::new(NoServices), runner, None))
+        }
         _ => Box::new(NoneEngine),
+    }
+}
+
+async fn node(a: HashMap<String, String>) {
+    let status_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a["status-file"])
+        .unwrap();
+    let sink = Arc::new(FileSink(Mutex::new(status_file)));
+    let ms = |k: &str, d: u64| Duration::from_millis(a.get(k).map_or(d, |v| v.parse().unwrap()));
+    let cfg = FormationConfig {
+        node_id: a["id"].parse::<NodeId>().unwrap(),
+        hostname: a["hostname"].as_str().try_into().unwrap(),
+        cluster_name: a["cluster"].clone(),
+        token: token(&a).try_into().unwrap(),
+        expected_size: a["expected"].parse().unwrap(),
+        servers: a["servers"].parse().unwrap(),
+        state_dir: PathBuf::from(&a["state-dir"]),
+        settle: ms("settle-ms", 2000),
+        partial_wait: ms("partial-ms", 8000),
+        poll_interval: Duration::from_millis(500),
+        peer_timeout: Duration::from_secs(4),
+        interfaces: InterfaceFilter::default(),
+        listen_port: clutch_cluster::DEFAULT_PORT,
+        mdns: true,
+        seeds: vec![],
+        addr: None,
     };
-    match form(cfg, engine, sink.clone()).await {
+    match form(cfg, engine(&a), sink.clone()).await {
         Ok(outcome) => {
             {
                 use std::io::Write;
@@ -151,12 +209,24 @@ async fn node(a: HashMap<String, String>) {
     }
 }
 
+fn key_of(a: &HashMap<String, String>) -> ClusterKey {
+    a["cluster-key"].clone().try_into().unwrap()
+}
+
+/// Try to authenticate with the given token; report what came back.
 async fn probe(a: HashMap<String, String>) {
     let target: SocketAddr = a["target"].parse().unwrap();
     let me: NodeId = "ffff-probe".parse().unwrap();
+    let (ident, tok, key) = (Identity::generate(), token(&a), key_of(&a));
     let res = async {
         let s = TcpStream::connect(target).await?;
-        let mut c = Client::handshake(s, &token(&a), &a["cid"], &me).await?;
+        let creds = Credentials {
+            token: tok.as_bytes(),
+            cluster: &key,
+            me: &me,
+            identity: &ident,
+        };
+        let mut c = wire::client_handshake(s, creds, target).await?;
         c.request(&Request::Status).await
     }
     .await;
@@ -168,36 +238,100 @@ async fn probe(a: HashMap<String, String>) {
     println!("{out}");
 }
 
+async fn send(s: &mut TcpStream, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let b = serde_json::to_vec(v).unwrap();
+    s.write_all(&(b.len() as u32).to_be_bytes()).await?;
+    s.write_all(&b).await
+}
+
+async fn recv(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+        .await
+        .map_err(|_| std::io::Error::other("timeout"))??;
+    let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+/// Record a genuine handshake (as an eavesdropper with the right to connect would), then
+/// replay the client's messages byte for byte on a new connection.
 async fn replay(a: HashMap<String, String>) {
     let target: SocketAddr = a["target"].parse().unwrap();
-    let tok = token(&a);
-    let cid = clutch_cluster::cluster_id(&tok, &a["cluster"]);
     let me: NodeId = "ffff-recorder".parse().unwrap();
-    // 1. A genuine handshake, recording what the client sent (as an eavesdropper would).
+    let (ident, tok, key) = (Identity::generate(), token(&a), key_of(&a));
+    let creds = || Credentials {
+        token: tok.as_bytes(),
+        cluster: &key,
+        me: &me,
+        identity: &ident,
+    };
     let mut s = TcpStream::connect(target).await.unwrap();
-    let init = Initiator::new(&tok, &cid, me.clone(), auth::fresh_nonce()).dialing(target);
-    let rec_hello = init.hello().clone();
-    wire::send_json(&mut s, &rec_hello).await.unwrap();
-    let rh: Hello = wire::recv_json(&mut s).await.unwrap();
-    let (awaiting, rec_proof) = init.on_hello(&rh).unwrap();
-    wire::send_json(&mut s, &rec_proof).await.unwrap();
-    let rp: Proof = wire::recv_json(&mut s).await.unwrap();
-    let genuine_ok = awaiting.on_proof(&rp).is_ok();
+    let client = handshake::Client::new(creds(), target);
+    let hello: ClientHello = client.hello().clone();
+    send(&mut s, &hello).await.unwrap();
+    let sh: ServerHello = serde_json::from_slice(&recv(&mut s).await.unwrap()).unwrap();
+    let (awaiting, fin) = client.on_server_hello(&sh).unwrap();
+    send(&mut s, &fin).await.unwrap();
+    let sf: ServerFinish = serde_json::from_slice(&recv(&mut s).await.unwrap()).unwrap();
+    let genuine_ok = awaiting.on_server_finish(&sf).is_ok();
     drop(s);
-    // 2. Replay the recorded hello and proof byte for byte on a new connection.
     let mut s = TcpStream::connect(target).await.unwrap();
-    wire::send_json(&mut s, &rec_hello).await.unwrap();
-    let rh2: Result<Hello, _> = wire::recv_json(&mut s).await;
-    let fresh_nonce = rh2.as_ref().map(|h| h.nonce != rh.nonce).unwrap_or(false);
-    wire::send_json(&mut s, &rec_proof).await.ok();
-    let replay: Result<Proof, _> = wire::recv_json(&mut s).await;
+    send(&mut s, &hello).await.unwrap();
+    let sh2: Result<ServerHello, String> = recv(&mut s)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+    let fresh = sh2.as_ref().map(|h| h.pake != sh.pake).unwrap_or(false);
+    send(&mut s, &fin).await.ok();
+    let replay = recv(&mut s).await;
     println!(
         "{}",
         serde_json::json!({
             "genuine_ok": genuine_ok,
-            "server_nonce_fresh": fresh_nonce,
+            "server_exchange_fresh": fresh,
             "replay_accepted": replay.is_ok(),
             "replay_error": replay.err().map(|e| e.to_string()),
         })
     );
+}
+
+/// A token holder asks to be admitted under somebody else's host name.
+async fn claim(a: HashMap<String, String>) {
+    let target: SocketAddr = a["target"].parse().unwrap();
+    let me: NodeId = a
+        .get("id")
+        .map_or("ffff-claimant", String::as_str)
+        .parse()
+        .unwrap();
+    let (ident, tok, key) = (Identity::generate(), token(&a), key_of(&a));
+    let res = async {
+        let s = TcpStream::connect(target).await?;
+        let local = s.local_addr()?.ip();
+        let creds = Credentials {
+            token: tok.as_bytes(),
+            cluster: &key,
+            me: &me,
+            identity: &ident,
+        };
+        let mut c = wire::client_handshake(s, creds, target).await?;
+        // `--addr`: claim another address than the connection's own.
+        let addr = a.get("addr").map_or(local, |x| x.parse().unwrap());
+        c.request(&Request::Join {
+            hostname: a["hostname"].as_str().try_into().unwrap(),
+            addr,
+            csr: None,
+        })
+        .await
+    }
+    .await;
+    let out = match res {
+        Ok(Response::Admitted { role, .. }) => serde_json::json!({"admitted": true, "role": role}),
+        Ok(Response::Error { why }) | Ok(Response::Busy { why }) => {
+            serde_json::json!({"admitted": false, "why": why})
+        }
+        Ok(other) => serde_json::json!({"admitted": false, "why": format!("{other:?}")}),
+        Err(e) => serde_json::json!({"admitted": false, "why": e.to_string()}),
+    };
+    println!("{out}");
 }

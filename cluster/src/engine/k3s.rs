@@ -1,19 +1,34 @@
-//! `k3s`: renders `/etc/rancher/k3s/config.yaml` and a systemd unit
-//! (`server --cluster-init` / `server --server https://<first>:6443` / `agent`), with the
-//! secure join token `K10<sha256 of the server CA>::server:<secret>`. The k3s binary itself
-//! is installed by the image builder at [`K3S_BIN`].
+//! `k3s`: renders `/etc/rancher/k3s/config.yaml` and a systemd unit (`server
+//! --cluster-init` on the leader, `server --server https://<server>:6443` on further
+//! servers, `agent` on agents). The k3s binary itself is installed by the image builder at
+//! [`K3S_BIN`]; it cannot be downloaded where clutch is tested, so this engine is tested
+//! at the command and file level (golden files), never against a running k3s.
+//!
+//! Tokens (k3s's "secure" format pins the server CA: `K10<sha256 of server-ca.crt>::...`):
+//! - servers join with the server token `K10…::server:<secret>` and run with the same
+//!   `agent-token`; every server keeps both secrets (`/var/lib/clutch/k3s-secret`,
+//!   `k3s-agent-secret`), so any ready server can admit the next node;
+//! - agents get only the agent token `K10…::node:<agent secret>`, which k3s accepts for
+//!   agents and refuses for servers.
+//!
+//! k3s needs servers to join one at a time after the first (`--cluster-init`); agents of
+//! the plan start as soon as a server is ready, without waiting on each other.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Engine, EngineError, Joiner, LocalNode, wait_until};
+use super::{
+    Admission, Engine, EngineError, JoinInfo, Joiner, LocalNode, PlanStart, passwd_ids, wait_until,
+};
 use crate::id::Role;
+use crate::secret::Secret;
 use crate::sys::{self, CommandRunner, ServiceManager};
-use crate::wire::{JoinInfo, MemberInfo};
+use crate::wire::Bootstrap;
 
 pub const K3S_BIN: &str = "/usr/local/bin/k3s";
 pub const UNIT: &str = "k3s";
@@ -22,22 +37,46 @@ pub const UNIT_FILE: &str = "/etc/systemd/system/k3s.service";
 pub const SERVER_CA: &str = "/var/lib/rancher/k3s/server/tls/server-ca.crt";
 pub const KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 pub const SECRET_FILE: &str = "/var/lib/clutch/k3s-secret";
+pub const AGENT_SECRET_FILE: &str = "/var/lib/clutch/k3s-agent-secret";
+
+/// The two shared secrets every server holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSecrets {
+    pub secret: Secret,
+    pub agent_secret: Secret,
+}
+
+/// What a k3s node needs to start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K3sJoin {
+    /// Start the cluster (`--cluster-init`): the plan's leader only.
+    pub init: bool,
+    /// The server to join (ignored with `init`).
+    pub server: IpAddr,
+    /// The secure join token (server token for servers, agent token for agents).
+    pub token: Option<Secret>,
+    /// Servers only: the shared secrets, so they can admit others.
+    pub secrets: Option<ServerSecrets>,
+}
 
 /// How this node runs k3s.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum K3sMode {
-    /// First server: `server --cluster-init` with the plain secret.
+    /// First server: `server --cluster-init` with the plain secrets.
     Init {
-        secret: String,
+        secrets: ServerSecrets,
     },
     /// Further server joining `server_url` with the full secure token.
     Server {
         server_url: String,
-        token: String,
+        token: Secret,
+        agent_secret: Secret,
     },
     Agent {
         server_url: String,
-        token: String,
+        token: Secret,
     },
 }
 
@@ -50,42 +89,49 @@ fn q(s: &str) -> String {
     serde_json::to_string(s).expect("string serialises")
 }
 
-fn addr_s(a: IpAddr) -> String {
-    a.to_string()
-}
-
-/// Render config.yaml.
+/// Render config.yaml (every value quoted as a JSON string, which YAML reads as is).
 pub fn render_config(me: &LocalNode, mode: &K3sMode) -> String {
     let mut y = format!(
         "# Written by clutch for cluster {} on {}; rewritten at every join.\n",
-        me.cluster_name, me.hostname
+        q(&me.cluster_name),
+        me.hostname
     );
-    let server_common = |y: &mut String| {
-        y.push_str(&format!("advertise-address: {}\n", q(&addr_s(me.addr))));
+    match mode {
+        K3sMode::Init { secrets } => {
+            y.push_str("cluster-init: true\n");
+            y.push_str(&format!("token: {}\n", q(secrets.secret.expose())));
+            y.push_str(&format!(
+                "agent-token: {}\n",
+                q(secrets.agent_secret.expose())
+            ));
+        }
+        K3sMode::Server {
+            server_url,
+            token,
+            agent_secret,
+        } => {
+            y.push_str(&format!("server: {}\n", q(server_url)));
+            y.push_str(&format!("token: {}\n", q(token.expose())));
+            y.push_str(&format!("agent-token: {}\n", q(agent_secret.expose())));
+        }
+        K3sMode::Agent { server_url, token } => {
+            y.push_str(&format!("server: {}\n", q(server_url)));
+            y.push_str(&format!("token: {}\n", q(token.expose())));
+        }
+    }
+    y.push_str(&format!("node-name: {}\n", q(me.hostname.as_str())));
+    y.push_str(&format!("node-ip: {}\n", q(&me.addr.to_string())));
+    if !matches!(mode, K3sMode::Agent { .. }) {
+        y.push_str(&format!("advertise-address: {}\n", q(&me.addr.to_string())));
         y.push_str("tls-san:\n");
         for san in [
             api_name(&me.cluster_name),
             format!("{}.local", me.hostname),
-            addr_s(me.addr),
+            me.addr.to_string(),
         ] {
             y.push_str(&format!("  - {}\n", q(&san)));
         }
         y.push_str("write-kubeconfig-mode: \"0600\"\n");
-    };
-    match mode {
-        K3sMode::Init { secret } => {
-            y.push_str("cluster-init: true\n");
-            y.push_str(&format!("token: {}\n", q(secret)));
-        }
-        K3sMode::Server { server_url, token } | K3sMode::Agent { server_url, token } => {
-            y.push_str(&format!("server: {}\n", q(server_url)));
-            y.push_str(&format!("token: {}\n", q(token)));
-        }
-    }
-    y.push_str(&format!("node-name: {}\n", q(&me.hostname)));
-    y.push_str(&format!("node-ip: {}\n", q(&addr_s(me.addr))));
-    if !matches!(mode, K3sMode::Agent { .. }) {
-        server_common(&mut y);
     }
     y
 }
@@ -126,12 +172,19 @@ pub fn render_unit(mode: &K3sMode) -> String {
     )
 }
 
-/// `K10<sha256(ca)>::server:<secret>`.
-pub fn secure_token(ca_pem: &[u8], secret: &str) -> String {
-    format!(
-        "K10{}::server:{secret}",
+/// `K10<sha256(ca)>::<user>:<secret>` (`server` for the server token, `node` for agents).
+pub fn secure_token(ca_pem: &[u8], user: &str, secret: &str) -> Secret {
+    Secret::new(format!(
+        "K10{}::{user}:{secret}",
         hex::encode(Sha256::digest(ca_pem))
-    )
+    ))
+}
+
+fn https(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("https://{a}:6443"),
+        IpAddr::V6(a) => format!("https://[{a}]:6443"),
+    }
 }
 
 pub struct K3sEngine {
@@ -159,64 +212,82 @@ impl K3sEngine {
         }
     }
 
+    fn path(&self, abs: &str) -> PathBuf {
+        sys::under(&self.root, abs)
+    }
+
     fn write(&self, me: &LocalNode, mode: &K3sMode) -> Result<(), EngineError> {
-        sys::write_atomic(
-            &sys::under(&self.root, CONFIG),
+        clutch_os::fs::write_atomic(
+            &self.path(CONFIG),
             render_config(me, mode).as_bytes(),
             0o600,
         )?;
-        sys::write_atomic(
-            &sys::under(&self.root, UNIT_FILE),
-            render_unit(mode).as_bytes(),
-            0o644,
+        clutch_os::fs::write_atomic(&self.path(UNIT_FILE), render_unit(mode).as_bytes(), 0o644)?;
+        Ok(())
+    }
+
+    fn read_secret(&self, abs: &str) -> Option<Secret> {
+        let s = std::fs::read_to_string(self.path(abs)).ok()?;
+        let s = s.trim();
+        (!s.is_empty()).then(|| Secret::new(s.to_string()))
+    }
+
+    /// The shared secrets this server holds.
+    fn secrets(&self) -> Result<ServerSecrets, EngineError> {
+        match (
+            self.read_secret(SECRET_FILE),
+            self.read_secret(AGENT_SECRET_FILE),
+        ) {
+            (Some(secret), Some(agent_secret)) => Ok(ServerSecrets {
+                secret,
+                agent_secret,
+            }),
+            _ => Err(EngineError::BadInfo(
+                "this server holds no k3s secrets (it cannot admit)".into(),
+            )),
+        }
+    }
+
+    fn save_secrets(&self, s: &ServerSecrets) -> Result<(), EngineError> {
+        clutch_os::fs::write_atomic(&self.path(SECRET_FILE), s.secret.expose().as_bytes(), 0o600)?;
+        clutch_os::fs::write_atomic(
+            &self.path(AGENT_SECRET_FILE),
+            s.agent_secret.expose().as_bytes(),
+            0o600,
         )?;
         Ok(())
     }
 
-    fn secret(&self) -> Result<String, EngineError> {
-        let p = sys::under(&self.root, SECRET_FILE);
-        if let Ok(s) = std::fs::read_to_string(&p) {
-            if !s.trim().is_empty() {
-                return Ok(s.trim().to_string());
-            }
-        }
-        let bytes: [u8; 24] = rand::random();
-        let s = hex::encode(bytes);
-        sys::write_atomic(&p, s.as_bytes(), 0o600)?;
-        Ok(s)
+    fn server_ca(&self) -> Result<Vec<u8>, EngineError> {
+        let p = self.path(SERVER_CA);
+        std::fs::read(&p).map_err(EngineError::read(p))
     }
 
-    /// Copy the kubeconfig to the admin user's home.
+    /// Copy the kubeconfig into the admin user's home, without following any link the user
+    /// put there (see [`clutch_os::fs::write_in_user_dir`]).
     pub fn install_kubeconfig(&self) -> Result<(), EngineError> {
         let Some(user) = &self.admin_user else {
             return Ok(());
         };
-        let passwd = std::fs::read_to_string(sys::under(&self.root, "/etc/passwd"))?;
-        let Some((uid, gid, home)) = passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            if f.len() >= 6 && f[0] == user {
-                Some((
-                    f[2].parse::<u32>().ok()?,
-                    f[3].parse::<u32>().ok()?,
-                    f[5].to_string(),
-                ))
-            } else {
-                None
-            }
-        }) else {
-            return Err(EngineError::Io(format!("user {user} not in /etc/passwd")));
+        let Some((uid, gid, home)) = passwd_ids(&self.root, user) else {
+            return Err(EngineError::BadInfo(format!(
+                "user {user} not in /etc/passwd"
+            )));
         };
-        let src = std::fs::read(sys::under(&self.root, KUBECONFIG))?;
-        let dir = sys::under(&self.root, &home).join(".kube");
-        let dst = dir.join("config");
-        sys::write_atomic(&dst, &src, 0o600)?;
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-        std::os::unix::fs::chown(&dst, Some(uid), Some(gid))?;
+        let src_path = self.path(KUBECONFIG);
+        let src = std::fs::read(&src_path).map_err(EngineError::read(src_path))?;
+        let home = sys::under(&self.root, &home.to_string_lossy());
+        clutch_os::fs::write_in_user_dir(&home, ".kube", "config", &src, 0o600, (uid, gid))?;
         Ok(())
     }
 
     fn start(&self, me: &LocalNode, role: Role) -> Result<(), EngineError> {
-        self.services.restart(UNIT).map_err(EngineError::Service)?;
+        self.services
+            .restart(UNIT)
+            .map_err(|reason| EngineError::Service {
+                unit: UNIT.into(),
+                reason,
+            })?;
         wait_until(self.health_timeout, || self.health_as(me, role))?;
         if role == Role::Server {
             self.install_kubeconfig()?;
@@ -251,98 +322,148 @@ impl K3sEngine {
             Err(EngineError::Unhealthy(out.stderr.trim().to_string()))
         }
     }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String, EngineError> {
+        let mut a = vec!["kubectl".to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let out = self
+            .runner
+            .run(K3S_BIN, &a, &[])
+            .map_err(|e| EngineError::Command {
+                command: format!("k3s {}", a.join(" ")),
+                detail: e.to_string(),
+            })?;
+        Ok(out.stdout)
+    }
+
+    /// The join info for a further server or an agent, admitted by this (ready) server.
+    fn join_info(&self, me: &LocalNode, role: Role) -> Result<K3sJoin, EngineError> {
+        let secrets = self.secrets()?;
+        let ca = self.server_ca()?;
+        Ok(if role == Role::Agent {
+            K3sJoin {
+                init: false,
+                server: me.addr,
+                token: Some(secure_token(&ca, "node", secrets.agent_secret.expose())),
+                secrets: None,
+            }
+        } else {
+            K3sJoin {
+                init: false,
+                server: me.addr,
+                token: Some(secure_token(&ca, "server", secrets.secret.expose())),
+                secrets: Some(secrets),
+            }
+        })
+    }
 }
 
-fn https(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("https://{a}:6443"),
-        IpAddr::V6(a) => format!("https://[{a}]:6443"),
-    }
+fn random_secret() -> Secret {
+    let bytes: [u8; 32] = rand::random();
+    Secret::new(hex::encode(bytes))
 }
 
 impl Engine for K3sEngine {
     fn name(&self) -> &'static str {
         "k3s"
     }
-    fn bootstrap(&self, me: &LocalNode) -> Result<(), EngineError> {
-        let mode = K3sMode::Init {
-            secret: self.secret()?,
-        };
-        self.write(me, &mode)?;
-        self.start(me, Role::Server)
+    fn plan_start(&self, role: Role) -> PlanStart {
+        match role {
+            Role::Agent => PlanStart::WhenServerReady,
+            _ => PlanStart::OneByOne,
+        }
+    }
+    fn found(&self, _me: &LocalNode, _plan: &Bootstrap) -> Result<(), EngineError> {
+        if self.secrets().is_ok() {
+            return Ok(());
+        }
+        self.save_secrets(&ServerSecrets {
+            secret: random_secret(),
+            agent_secret: random_secret(),
+        })
+    }
+    fn request(&self, _me: &LocalNode) -> Result<Option<String>, EngineError> {
+        Ok(None)
     }
     fn admit(
         &self,
         me: &LocalNode,
         joiner: &Joiner,
-        _role: Role,
-        stale: &[MemberInfo],
+        role: Role,
+        how: Admission<'_>,
     ) -> Result<JoinInfo, EngineError> {
-        for s in stale {
-            // A replaced node: drop its old Kubernetes node object (ignore "not found").
-            let _ = self.runner.run(
-                K3S_BIN,
-                &[
-                    "kubectl".into(),
-                    "delete".into(),
-                    "node".into(),
-                    s.hostname.clone(),
-                    "--ignore-not-found".into(),
-                ],
-                &[],
-            );
+        if let Admission::FromPlan(plan) = how {
+            if joiner.node_id == plan.leader && joiner.node_id == me.node_id {
+                return Ok(JoinInfo::K3s(K3sJoin {
+                    init: true,
+                    server: me.addr,
+                    token: None,
+                    secrets: Some(self.secrets()?),
+                }));
+            }
         }
-        let ca = std::fs::read(sys::under(&self.root, SERVER_CA))?;
-        let mut info = JoinInfo::new();
-        info.insert("server_url".into(), https(me.addr));
-        info.insert("token".into(), secure_token(&ca, &self.secret()?));
-        let _ = joiner;
-        Ok(info)
+        if let Admission::Runtime { replaces, .. } = how {
+            for s in replaces {
+                // A replaced node: drop its old Kubernetes node object.
+                let _ =
+                    self.kubectl(&["delete", "node", s.hostname.as_str(), "--ignore-not-found"]);
+            }
+        }
+        Ok(JoinInfo::K3s(self.join_info(me, role)?))
     }
     fn join(&self, me: &LocalNode, role: Role, info: &JoinInfo) -> Result<(), EngineError> {
-        let server_url = info
-            .get("server_url")
-            .ok_or(EngineError::MissingInfo("server_url"))?
-            .clone();
-        let token = info
-            .get("token")
-            .ok_or(EngineError::MissingInfo("token"))?
-            .clone();
-        let mode = if role == Role::Agent {
-            K3sMode::Agent { server_url, token }
-        } else {
-            K3sMode::Server { server_url, token }
+        let j = match info {
+            JoinInfo::K3s(j) => j,
+            other => {
+                return Err(EngineError::WrongEngine {
+                    want: "k3s",
+                    got: other.kind(),
+                });
+            }
         };
+        let missing = |what: &str| EngineError::BadInfo(format!("k3s join info without {what}"));
+        let mode = match (j.init, role) {
+            (true, _) => K3sMode::Init {
+                secrets: j.secrets.clone().ok_or_else(|| missing("secrets"))?,
+            },
+            (false, Role::Agent) => K3sMode::Agent {
+                server_url: https(j.server),
+                token: j.token.clone().ok_or_else(|| missing("a token"))?,
+            },
+            (false, _) => K3sMode::Server {
+                server_url: https(j.server),
+                token: j.token.clone().ok_or_else(|| missing("a token"))?,
+                agent_secret: j
+                    .secrets
+                    .as_ref()
+                    .map(|s| s.agent_secret.clone())
+                    .ok_or_else(|| missing("secrets"))?,
+            },
+        };
+        if let Some(s) = &j.secrets {
+            self.save_secrets(s)?;
+        }
         self.write(me, &mode)?;
         self.start(me, role)
     }
     fn resume(&self, _me: &LocalNode, _role: Role) -> Result<(), EngineError> {
-        self.services.restart(UNIT).map_err(EngineError::Service)
+        self.services
+            .restart(UNIT)
+            .map_err(|reason| EngineError::Service {
+                unit: UNIT.into(),
+                reason,
+            })
     }
     fn health(&self, me: &LocalNode) -> Result<(), EngineError> {
-        let role = match std::fs::read_to_string(sys::under(&self.root, UNIT_FILE)) {
+        let role = match std::fs::read_to_string(self.path(UNIT_FILE)) {
             Ok(u) if u.contains(" agent ") => Role::Agent,
             _ => Role::Server,
         };
         self.health_as(me, role)
     }
     fn members(&self, _me: &LocalNode) -> Result<Vec<String>, EngineError> {
-        let out = self
-            .runner
-            .run(
-                K3S_BIN,
-                &[
-                    "kubectl".into(),
-                    "get".into(),
-                    "nodes".into(),
-                    "-o".into(),
-                    "name".into(),
-                ],
-                &[],
-            )
-            .map_err(|e| EngineError::Command(e.to_string()))?;
-        Ok(out
-            .stdout
+        Ok(self
+            .kubectl(&["get", "nodes", "-o", "name"])?
             .lines()
             .map(|l| l.trim_start_matches("node/").to_string())
             .filter(|l| !l.is_empty())

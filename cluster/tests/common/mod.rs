@@ -26,6 +26,21 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether `tool` is on PATH. Missing under CI=true fails the test (CI installs it);
+/// elsewhere the test is skipped, loudly.
+pub fn need_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is needed by this test (scripts/install-host-deps installs it)");
+    }
+    eprintln!("SKIPPED: {tool} is not installed");
+    false
+}
+
 pub fn is_root() -> bool {
     sh(&["id", "-u"]).trim() == "0"
 }
@@ -91,8 +106,21 @@ impl Node {
         }
         v
     }
+    /// This node founded the cluster (it was the leader of the bootstrap plan).
     pub fn bootstrapped(&self) -> bool {
-        self.phases_seen().iter().any(|p| p == "bootstrapping")
+        self.history()
+            .iter()
+            .any(|h| h["outcome"]["bootstrapped"] == true)
+    }
+    /// The cluster instance in the last status.
+    pub fn cluster(&self) -> Option<String> {
+        self.last()
+            .and_then(|v| v["cluster"].as_str().map(str::to_string))
+    }
+    /// The leader in the last status.
+    pub fn leader(&self) -> Option<String> {
+        self.last()
+            .and_then(|v| v["leader"].as_str().map(str::to_string))
     }
     pub fn members(&self) -> usize {
         self.last()
@@ -123,6 +151,7 @@ impl Node {
     }
 }
 
+#[derive(Clone)]
 pub struct NodeOpts<'a> {
     pub cluster: &'a str,
     pub token: &'a str,
@@ -130,6 +159,14 @@ pub struct NodeOpts<'a> {
     pub servers: u32,
     pub settle_ms: u64,
     pub engine: &'a str,
+}
+
+impl NodeOpts<'_> {
+    /// The public cluster key these nodes advertise (what an attacker reads from mDNS).
+    pub fn cluster_key(&self) -> String {
+        clutch_cluster::ClusterKey::new(self.cluster, self.engine, self.expected, self.servers)
+            .to_string()
+    }
 }
 
 pub struct Lab {
@@ -214,6 +251,70 @@ impl Lab {
         lab
     }
 
+    /// Add an extra namespace on bridge `br0` (an attacker's machine) at `ip`, with
+    /// `extra` more addresses on the same link; returns its name.
+    pub fn add_host(&mut self, name: &str, ip: &str, extra: &[String]) -> String {
+        let ns = format!("{}{name}", self.tag);
+        sh(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        let port = format!("x{name}");
+        sh(&[
+            "ip", "-n", &self.hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        sh(&[
+            "ip", "-n", &self.hub, "link", "set", &port, "master", "br0", "up",
+        ]);
+        for a in std::iter::once(ip.to_string()).chain(extra.iter().cloned()) {
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                "eth0",
+            ]);
+        }
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Cut (`false`) or restore (`true`) node `i`'s link at the bridge.
+    pub fn link(&self, i: usize, up: bool) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("p{i}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// Capture every frame on bridge `br0` into `file` (tcpdump in the hub namespace).
+    pub fn capture(&self, file: &Path) -> Capture {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &self.hub, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+            ])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        // tcpdump says "listening on" once it captures.
+        std::thread::sleep(Duration::from_millis(800));
+        Capture {
+            child,
+            file: file.to_path_buf(),
+        }
+    }
+
     /// Move node `i`'s link to bridge `br`.
     pub fn attach(&self, i: usize, br: &str) {
         sh(&[
@@ -229,6 +330,12 @@ impl Lab {
     }
 
     pub fn start(&mut self, i: usize, id: &str, o: &NodeOpts) {
+        self.start_as(i, id, &format!("host{i}"), o)
+    }
+
+    /// Start node `i` with node id `id` and host name `host` (its state dir is kept across
+    /// starts: a restart is a reboot).
+    pub fn start_as(&mut self, i: usize, id: &str, host: &str, o: &NodeOpts) {
         let node = &mut self.nodes[i];
         node.id = id.to_string();
         let token_file = node.dir.join("token");
@@ -247,7 +354,7 @@ impl Lab {
             .chain(
                 [
                     ("--id", id.to_string()),
-                    ("--hostname", format!("host{i}")),
+                    ("--hostname", host.to_string()),
                     ("--cluster", o.cluster.to_string()),
                     ("--token-file", token_file.display().to_string()),
                     ("--expected", o.expected.to_string()),
@@ -287,6 +394,34 @@ impl Lab {
         }
         s
     }
+}
+
+/// A running packet capture; [`Capture::finish`] stops it (by its pid) and returns the bytes.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    pub fn finish(mut self) -> Vec<u8> {
+        // SIGINT: tcpdump flushes and exits.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 pub fn tail(s: &str, n: usize) -> String {

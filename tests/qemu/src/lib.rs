@@ -534,8 +534,15 @@ pub fn user_net_with_ssh(port: u16) -> Vec<String> {
     ]
 }
 
-/// Runs `cmd` in the guest over ssh as the image's user, retrying while sshd comes up.
+/// Runs `cmd` in the guest over ssh as the image configs' user `admin`, retrying while sshd
+/// comes up.
 pub fn ssh(port: u16, cmd: &str, timeout: Duration) -> Result<String> {
+    ssh_as(port, "admin", cmd, timeout)
+}
+
+/// [`ssh`] as `user`.
+pub fn ssh_as(port: u16, user: &str, cmd: &str, timeout: Duration) -> Result<String> {
+    let target = format!("{user}@127.0.0.1");
     let deadline = Instant::now() + timeout;
     loop {
         let o = Command::new("ssh")
@@ -554,7 +561,7 @@ pub fn ssh(port: u16, cmd: &str, timeout: Duration) -> Result<String> {
                 "-i",
             ])
             .arg(&ssh_key().private)
-            .args(["-p", &port.to_string(), "admin@127.0.0.1", cmd])
+            .args(["-p", &port.to_string(), &target, cmd])
             .stdin(Stdio::null())
             .output()
             .context("ssh (package openssh-client)")?;

@@ -6,6 +6,11 @@
 //! - B: a broken `clutch.toml` ends in `phase=failed` with the error (file:line:col and the
 //!   key) in the status, and the node still boots and takes ssh logins.
 //!
+//! The image's user is `operator`, a name Debian's base system has as a group: it builds,
+//! boots, and every ssh login below is `operator@node` with the configured key. Its time
+//! zone is `America/New_York`. The booted image's /etc/passwd and /etc/group are held
+//! against what `clutch check` knows, so check and build agree on the real image.
+//!
 //! One image build and three boots in all (TCG: each boot costs a minute or more).
 
 use std::path::{Path, PathBuf};
@@ -19,6 +24,13 @@ const SSH: Duration = Duration::from_secs(240);
 /// The ESP starts at 1 MiB on the amd64 image.
 const GIB: u64 = 1 << 30;
 const WIFI_PASSPHRASE: &str = "clutch-test-passphrase";
+/// The image's login user: a group of Debian's base system, not a user.
+const USER: &str = "operator";
+
+/// [`ssh_as`] the image's user.
+fn ssh(port: u16, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
+    ssh_as(port, USER, cmd, timeout)
+}
 
 /// The amd64-vm test config with a `[wifi]` section (a secret to move off the FAT
 /// partition); it keeps the image config's 2 GiB `data0` loopback device.
@@ -30,6 +42,13 @@ fn image() -> PathBuf {
                 t.contains("name = \"data0\"") && t.contains("size = \"2GiB\""),
                 "image-configs/amd64-vm.toml no longer has the 2 GiB data0 device:\n{t}"
             );
+            assert!(
+                t.contains("\nname = \"admin\"\n") && t.contains("\ntimezone = \"UTC\"\n"),
+                "image-configs/amd64-vm.toml no longer has user admin and zone UTC:\n{t}"
+            );
+            let t = t
+                .replace("\nname = \"admin\"\n", &format!("\nname = \"{USER}\"\n"))
+                .replace("\ntimezone = \"UTC\"\n", "\ntimezone = \"America/New_York\"\n");
             format!(
                 "{t}\n[wifi]\nssid = \"clutch-test\"\npsk = \"{WIFI_PASSPHRASE}\"\ncountry = \"GB\"\n"
             )
@@ -173,6 +192,31 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     assert!(kv_num(&facts, "df_bytes") > 5 * GIB, "df / is too small");
     assert_eq!(kv_get(&facts, "phase"), "ready");
 
+    // The user named like a base-system group: primary group `users`, sudo as configured,
+    // not a member of the group `operator`; the zone the config named.
+    let who = kv(&ssh(
+        port,
+        "echo id=$(id)\necho sudo=$(sudo -n id -un)\necho operator_group=$(getent group operator)\n\
+         echo localtime=$(readlink /etc/localtime)\necho zone=$(env -u TZ date -d @1700000000 +%Z)\n",
+        SSH,
+    )
+    .unwrap());
+    assert_eq!(
+        kv_get(&who, "id"),
+        "uid=1000(operator) gid=100(users) groups=100(users),27(sudo)"
+    );
+    assert_eq!(kv_get(&who, "sudo"), "root");
+    assert_eq!(kv_get(&who, "operator_group"), "operator:x:37:");
+    assert_eq!(
+        kv_get(&who, "localtime"),
+        "/usr/share/zoneinfo/America/New_York"
+    );
+    assert_eq!(kv_get(&who, "zone"), "EST", "November 2023 in New York");
+    accounts_are_known_to_check(
+        &ssh(port, "cat /etc/passwd", SSH).unwrap(),
+        &ssh(port, "cat /etc/group", SSH).unwrap(),
+    );
+
     // Secrets: nowhere on the FAT partition, in /var/lib/clutch with mode 0600.
     let secrets = kv(&ssh(
         port,
@@ -290,6 +334,44 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
         m2.get("MemoryPeak").map(String::as_str).unwrap_or("?"),
     );
     eprintln!("case A took {:.0}s", t0.elapsed().as_secs_f64());
+}
+
+/// `clutch check` (which has no root filesystem) knows every system account of the real
+/// image: each system user's name is refused, and each system group's name gets the verdict
+/// the image's own files give.
+fn accounts_are_known_to_check(passwd: &str, group: &str) {
+    use clutch_config::account::{self, decide, decide_without_root, passwd_entries};
+    let mut groups = 0;
+    for e in passwd_entries(passwd).filter(|e| e.is_system()) {
+        if let Ok(n) = clutch_config::UserName::try_from(e.name.as_str()) {
+            assert!(
+                decide_without_root(&n).is_err(),
+                "`clutch check` would accept the image's system user {e:?}"
+            );
+        }
+    }
+    for g in group.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[2].parse::<u32>().is_ok_and(|gid| gid < 1000)).then(|| f[0])
+    }) {
+        let Ok(n) = clutch_config::UserName::try_from(g) else {
+            continue;
+        };
+        if account::find_user(passwd, g).is_some() {
+            continue;
+        }
+        groups += 1;
+        let (check, image) = (decide_without_root(&n), decide(&n, passwd, group));
+        assert_eq!(
+            check.as_ref().map(|a| a.useradd_group_args()).ok(),
+            image.as_ref().map(|a| a.useradd_group_args()).ok(),
+            "group {g}: check says {check:?}, the image {image:?}"
+        );
+    }
+    eprintln!(
+        "accounts: {} system users and {groups} system groups of the image agree with `clutch check`",
+        passwd_entries(passwd).filter(|e| e.is_system()).count()
+    );
 }
 
 /// A clutch.toml whose error is at a known place: line 4, column 12, key system.hostname.

@@ -1,0 +1,253 @@
+//! Running programs: one trait for every crate ([`CommandRunner`]), the real runner, and a
+//! [`Redactor`] that keeps secrets (tokens, keys, passwords passed on a command line or
+//! printed by a tool) out of logs and error messages.
+
+use std::io;
+use std::process::{Command, Stdio};
+
+/// Result of a finished command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CmdOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+    /// A successful run with this stdout (for fakes).
+    pub fn success(stdout: &str) -> Self {
+        CmdOutput {
+            code: 0,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+    /// A failed run (exit 1) with this stderr (for fakes).
+    pub fn failure(stderr: &str) -> Self {
+        CmdOutput {
+            code: 1,
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
+    }
+}
+
+/// Runs a program to completion, stdin closed, output captured.
+pub trait CommandRunner: Send + Sync {
+    fn run(
+        &self,
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> io::Result<CmdOutput>;
+}
+
+/// Runs commands for real.
+pub struct RealRunner;
+
+impl CommandRunner for RealRunner {
+    fn run(
+        &self,
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> io::Result<CmdOutput> {
+        let out = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(CmdOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+/// Replaces known secret values with `<redacted>` in text that is about to be logged or put
+/// into an error.
+#[derive(Clone, Debug, Default)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new() -> Self {
+        Redactor::default()
+    }
+    /// Adds a secret; values shorter than 8 bytes are ignored (they would redact ordinary
+    /// words).
+    pub fn secret(mut self, s: impl Into<String>) -> Self {
+        let s = s.into();
+        if s.len() >= 8 && !self.secrets.contains(&s) {
+            self.secrets.push(s);
+            // Longest first, so a secret that contains another is replaced whole.
+            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+        self
+    }
+    pub fn redact(&self, text: &str) -> String {
+        let mut t = text.to_string();
+        for s in &self.secrets {
+            if t.contains(s.as_str()) {
+                t = t.replace(s.as_str(), "<redacted>");
+            }
+        }
+        t
+    }
+    /// The command line as a shell would read it, secrets redacted.
+    pub fn describe(&self, program: &str, args: &[String]) -> String {
+        let mut s = quote(program);
+        for a in args {
+            s.push(' ');
+            s.push_str(&quote(a));
+        }
+        self.redact(&s)
+    }
+}
+
+fn quote(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&b));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+/// A recording fake of [`CommandRunner`] for tests: every call is kept, and a closure
+/// decides each answer.
+#[cfg(any(test, feature = "testing"))]
+pub mod fake {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// One recorded call.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Call {
+        pub program: String,
+        pub args: Vec<String>,
+        pub env: Vec<(String, String)>,
+    }
+
+    impl Call {
+        /// `program arg arg ...` (for assertions).
+        pub fn line(&self) -> String {
+            std::iter::once(self.program.as_str())
+                .chain(self.args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+
+    type Answer = dyn Fn(&Call) -> CmdOutput + Send + Sync;
+
+    pub struct FakeRunner {
+        calls: Mutex<Vec<Call>>,
+        answer: Box<Answer>,
+    }
+
+    impl FakeRunner {
+        /// Every call succeeds with empty output.
+        pub fn ok() -> Self {
+            FakeRunner::new(|_| CmdOutput::success(""))
+        }
+        pub fn new(answer: impl Fn(&Call) -> CmdOutput + Send + Sync + 'static) -> Self {
+            FakeRunner {
+                calls: Mutex::new(Vec::new()),
+                answer: Box::new(answer),
+            }
+        }
+        pub fn calls(&self) -> Vec<Call> {
+            self.calls.lock().unwrap().clone()
+        }
+        pub fn lines(&self) -> Vec<String> {
+            self.calls().iter().map(Call::line).collect()
+        }
+    }
+
+    impl CommandRunner for FakeRunner {
+        fn run(
+            &self,
+            program: &str,
+            args: &[String],
+            env: &[(String, String)],
+        ) -> io::Result<CmdOutput> {
+            let call = Call {
+                program: program.into(),
+                args: args.to_vec(),
+                env: env.to_vec(),
+            };
+            let out = (self.answer)(&call);
+            self.calls.lock().unwrap().push(call);
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_secrets_longest_first() {
+        let r = Redactor::new()
+            .secret("K10abcdef::server:supersecret")
+            .secret("supersecret")
+            .secret("short");
+        let line = r.describe(
+            "k3s",
+            &["--token".into(), "K10abcdef::server:supersecret".into()],
+        );
+        assert_eq!(line, "k3s --token <redacted>");
+        assert_eq!(r.redact("x supersecret y short"), "x <redacted> y short");
+    }
+
+    #[test]
+    fn quoting_reads_as_a_shell_would() {
+        let r = Redactor::new();
+        assert_eq!(
+            r.describe(
+                "echo",
+                &["a b".into(), "it's".into(), "".into(), "k=v".into()]
+            ),
+            "echo 'a b' 'it'\\''s' '' k=v"
+        );
+    }
+
+    #[test]
+    fn real_runner_captures_output_and_code() {
+        let o = RealRunner
+            .run(
+                "sh",
+                &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            (o.code, o.stdout.as_str(), o.stderr.as_str()),
+            (3, "out\n", "err\n")
+        );
+        assert!(RealRunner.run("/nonexistent/prog", &[], &[]).is_err());
+    }
+
+    #[test]
+    fn fake_runner_records_calls() {
+        let f = fake::FakeRunner::new(|c| {
+            if c.args.first().is_some_and(|a| a == "fail") {
+                CmdOutput::failure("no")
+            } else {
+                CmdOutput::success("yes")
+            }
+        });
+        assert!(f.run("x", &["ok".into()], &[]).unwrap().ok());
+        assert!(!f.run("x", &["fail".into()], &[]).unwrap().ok());
+        assert_eq!(f.lines(), vec!["x ok", "x fail"]);
+    }
+}
