@@ -6,8 +6,9 @@
 //! end `clutch lab down`.
 //!
 //! While `lab up --wait` runs, the test follows the consoles through the same lab library
-//! (clutch_builder::lab), and the first node seen at `phase=joining` loses its power during
-//! the join, as soon as its etcd has begun writing its data dir (SIGKILL to its QEMU; its
+//! (clutch_builder::lab), and the first node seen at `phase=joining` (or, when the nodes
+//! bootstrap the cluster together and nobody joins, the first of them at `bootstrapping`)
+//! loses its power during that step, as soon as its etcd has begun writing its data dir (SIGKILL to its QEMU; its
 //! admitting server has already added it as an etcd member, and being the second member, the
 //! cluster has no quorum without it) and is powered on again on the same disk 3 s later (the
 //! wait rides through a power cycle that short). It must end `phase=ready` with the same node
@@ -49,6 +50,20 @@ struct Cut {
     started_at: Duration,
 }
 
+/// The node whose formation step to cut short, and that step: the first node seen at
+/// `joining` (a node admitted by a running cluster), or, when the nodes bootstrap the cluster
+/// together (two or more at `bootstrapping` at once: a static bootstrap, nobody joins), the
+/// first of those. A lone bootstrapper is never cut: without it there is no cluster to rejoin.
+fn cut_target(w: &PhaseWatch, nodes: usize) -> Option<(usize, &'static str)> {
+    if let Some(i) = (0..nodes).find(|&i| w.phase(i) == Some("joining")) {
+        return Some((i, "joining"));
+    }
+    let b: Vec<usize> = (0..nodes)
+        .filter(|&i| w.phase(i) == Some("bootstrapping"))
+        .collect();
+    (b.len() >= 2).then(|| (b[0], "bootstrapping"))
+}
+
 fn member_lines(list: &str) -> Vec<&str> {
     list.lines().filter(|l| !l.trim().is_empty()).collect()
 }
@@ -86,7 +101,8 @@ fn three_vms_form_an_etcd_cluster() {
     let ssh_wait = Duration::from_secs(180);
 
     let mut w = PhaseWatch::default();
-    let mut joining: Option<(usize, Instant)> = None;
+    // The node to power-cut, the phase it was in, since when.
+    let mut joining: Option<(usize, &str, Instant)> = None;
     let mut cut: Option<Cut> = None;
     let all_ready = loop {
         w.poll(&lab);
@@ -99,11 +115,9 @@ fn three_vms_form_an_etcd_cluster() {
             );
         }
         if joining.is_none() {
-            joining = (0..lab.nodes.len())
-                .find(|&i| w.phase(i) == Some("joining"))
-                .map(|i| (i, Instant::now()));
+            joining = cut_target(&w, lab.nodes.len()).map(|(i, p)| (i, p, Instant::now()));
         }
-        if let (None, Some((v, since))) = (&cut, joining) {
+        if let (None, Some((v, cut_phase, since))) = (&cut, joining) {
             let name = lab.nodes[v].name.clone();
             let last = w.last[&v].clone();
             let host = field(&last.line, "host").expect("host= in the phase line");
@@ -127,7 +141,7 @@ fn three_vms_form_an_etcd_cluster() {
             let pid = lab.kill(&name).expect("lab kill");
             let killed_at = lab.powered_on.elapsed();
             eprintln!(
-                "[{:>5.0}s] POWER CUT {name} ({host}, node id {node_id}) {:.0}s into phase=joining: {}\n\
+                "[{:>5.0}s] POWER CUT {name} ({host}, node id {node_id}) {:.0}s into phase={cut_phase}: {}\n\
                  joiner just before the cut (etcd unit state, data dir):\n{}",
                 killed_at.as_secs_f64(),
                 since.elapsed().as_secs_f64(),
@@ -138,8 +152,8 @@ fn three_vms_form_an_etcd_cluster() {
             w.poll(&lab);
             assert_eq!(
                 (w.last[&v].boot, w.last[&v].phase.as_str()),
-                (1, "joining"),
-                "{name} finished its join before the power cut; nothing was cut short"
+                (1, cut_phase),
+                "{name} finished its {cut_phase} before the power cut; nothing was cut short"
             );
             std::thread::sleep(OFF_FOR);
             let boot = lab.start(&name).expect("lab start");
@@ -194,7 +208,9 @@ fn three_vms_form_an_etcd_cluster() {
     };
     w.poll(&lab);
     let Some(cut) = cut else {
-        panic!("all nodes ready, but no node was seen in phase=joining to cut")
+        panic!(
+            "all nodes ready, but no node was seen joining (or bootstrapping with others) to cut"
+        )
     };
     assert_eq!(
         w.ready(),
