@@ -14,6 +14,7 @@ pub mod fat;
 pub mod fetch;
 pub mod flash;
 pub mod foreign;
+pub mod lab;
 pub mod manifest;
 pub mod output;
 pub mod progress;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use clutch_builder::{build, data, doctor, flash, serve};
 use clutch_config::Format;
 
-mod lab;
+mod lab_cli;
 
 /// clutch: build bootable cluster-node images from one TOML file.
 #[derive(Parser)]
@@ -74,7 +74,7 @@ enum Cmd {
     /// A local lab: N VMs of a built amd64 image in a private network namespace.
     Lab {
         #[command(subcommand)]
-        cmd: lab::LabCmd,
+        cmd: lab_cli::LabCmd,
     },
     /// Serve a netboot set (the `pxe/` folder of a build) over HTTP: its files with Range
     /// support, and each node's config at /config/<mac> (DIR/config/<mac12hex>.toml, else
@@ -116,8 +116,8 @@ fn init_logging(verbose: u8, serving: bool) {
         .init();
 }
 
-fn run(cli: Cli) -> Result<bool> {
-    match cli.command {
+fn run(command: Cmd) -> Result<bool> {
+    match command {
         Cmd::Build {
             config,
             out,
@@ -235,7 +235,8 @@ fn run(cli: Cli) -> Result<bool> {
             println!("{}", hex::encode(bytes));
             Ok(true)
         }
-        Cmd::Lab { cmd } => lab::run(cmd),
+        // Exits with its own code (`lab exec`): handled in main.
+        Cmd::Lab { .. } => unreachable!("lab runs from main"),
         Cmd::Serve { dir, listen } => {
             serve::run(&dir, &listen)?;
             Ok(true)
@@ -246,9 +247,18 @@ fn run(cli: Cli) -> Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, matches!(cli.command, Cmd::Serve { .. }));
-    match run(cli) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+    let r = match cli.command {
+        Cmd::Lab { cmd } => lab_cli::run(cmd),
+        command => run(command).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
+    };
+    match r {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("clutch: error: {e:#}");
             ExitCode::FAILURE

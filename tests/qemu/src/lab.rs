@@ -1,234 +1,138 @@
-//! Helpers for tests and benchmarks that drive `clutch lab` (3 VMs in a network namespace):
-//! bring the lab up (and always down again), follow the nodes' `clutch: phase=` console
-//! lines boot by boot, ssh into nodes from inside the namespace, cut a node's power and
-//! power it on again, and read clutch-firstboot's memory and CPU use on a node.
+//! The lab for tests and benchmarks, through the same library `clutch lab` is made of
+//! (`clutch_builder::lab`): bring a lab up or attach to the one `clutch lab up` made (and
+//! always take it down again), follow the nodes' phase lines boot by boot, run commands on
+//! nodes as root over the lab's access channel, cut a node's power and power it on again,
+//! and read clutch-firstboot's memory and CPU use on a node.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clutch_builder::lab::access::{self, SshOpts};
+use clutch_builder::lab::console::{self, PhaseLine};
+use clutch_builder::lab::status::NodeStatus;
+use clutch_builder::lab::vm::AccelChoice;
+use clutch_builder::lab::{Host, LabState, NodeIndex, NodeSpec, RealHost, ops, plan};
 
-use crate::{bin, ssh_key};
+pub use clutch_builder::lab::console::BOOT_MARKER;
 
-/// What `clutch lab start` writes into a node's console log before the new boot (see
-/// builder/src/lab.rs, `BOOT_MARKER`); the text after the last one is the current boot.
-pub const BOOT_MARKER: &str = "----- clutch lab: powered on again";
-
-/// Runs the release `clutch` with `args`; its stdout, or an error when it fails.
-pub fn clutch(args: &[&str]) -> Result<String> {
-    let o = Command::new(bin("clutch"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running clutch")?;
-    if !o.status.success() {
-        bail!("clutch {} failed ({})", args.join(" "), o.status);
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// Runs `clutch lab down` when dropped, also when the test panics.
-pub struct LabGuard {
+/// A running lab; taken down (VMs, namespace, keys) when dropped, also when a test panics.
+pub struct Lab {
+    pub state: LabState,
     pub dir: PathBuf,
+    pub ns: String,
+    pub nodes: Vec<NodeSpec>,
+    /// Just after every VM (the last one too) was powered on.
+    pub powered_on: Instant,
 }
 
-impl Drop for LabGuard {
+impl Drop for Lab {
     fn drop(&mut self) {
-        match clutch(&["lab", "down", "--dir", &self.dir.display().to_string()]) {
-            Ok(out) => eprint!("lab down:\n{out}"),
+        match ops::down(&RealHost, &self.dir) {
+            Ok(r) => eprintln!(
+                "lab down: stopped {:?}, removed namespace {:?}",
+                r.stopped, r.namespace_removed
+            ),
             Err(e) => eprintln!("lab down failed: {e:#}"),
         }
     }
 }
 
-/// One VM of the lab, as `clutch lab up` printed it.
-#[derive(Debug, Clone)]
-pub struct Node {
-    pub name: String,
-    pub ip: String,
-    pub pidfile: PathBuf,
-    pub console: PathBuf,
-}
+/// Takes the lab in its folder down when dropped (for labs the `clutch` binary made).
+pub struct LabGuard(pub PathBuf);
 
-/// `clutch lab up` stdout: `namespace=NS`, then `nodeI\tip=..\tmac=..\tpidfile=..\tconsole=..`.
-pub fn parse_up(out: &str) -> (String, Vec<Node>) {
-    let mut ns = String::new();
-    let mut nodes = Vec::new();
-    for line in out.lines() {
-        if let Some(n) = line.strip_prefix("namespace=") {
-            ns = n.to_string();
-            continue;
-        }
-        let mut f = line.split('\t');
-        let Some(name) = f.next() else { continue };
-        let kv: BTreeMap<&str, &str> = f.filter_map(|x| x.split_once('=')).collect();
-        if let (Some(ip), Some(p), Some(c)) = (kv.get("ip"), kv.get("pidfile"), kv.get("console")) {
-            nodes.push(Node {
-                name: name.to_string(),
-                ip: ip.to_string(),
-                pidfile: PathBuf::from(p),
-                console: PathBuf::from(c),
-            });
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = ops::down(&RealHost, &self.0) {
+            eprintln!("lab down {} failed: {e:#}", self.0.display());
         }
     }
-    (ns, nodes)
 }
 
-/// The console log split into boots (the first power-on, then one per `lab start`), each
-/// boot after the first starting with its marker line.
-pub fn boots_of(text: &str) -> Vec<&str> {
-    let mut cuts: Vec<usize> = text.match_indices(BOOT_MARKER).map(|(i, _)| i).collect();
-    cuts.insert(0, 0);
-    cuts.push(text.len());
-    cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect()
-}
-
-/// Every `clutch: phase=X` in `text`, in order, with the rest of its line.
-pub fn phases_in(text: &str) -> Vec<(String, String)> {
-    text.split(['\n', '\r'])
-        .filter_map(|l| {
-            let i = l.find("clutch: phase=")?;
-            let rest = &l[i + "clutch: phase=".len()..];
-            let phase = rest.split_whitespace().next()?.to_string();
-            Some((phase, l[i..].trim().to_string()))
-        })
-        .collect()
-}
-
-/// The value of `key=` in a phase line (`host`, `role`, `members`).
-pub fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .map(|v| v.chars().filter(|c| !c.is_control()).collect())
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
-}
-
-/// The phase lines of each boot of a node's console log.
-pub fn phases_by_boot(console: &Path) -> Vec<Vec<(String, String)>> {
-    boots_of(&read(console))
-        .into_iter()
-        .map(phases_in)
-        .collect()
-}
-
-/// The last `n` lines of a file.
-pub fn tail(p: &Path, n: usize) -> String {
-    let t = read(p);
-    let v: Vec<&str> = t.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
-/// ssh into a guest from inside the lab's namespace, retrying while sshd comes up.
-pub fn ssh_ns(ns: &str, ip: &str, cmd: &str, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let o = Command::new("ip")
-            .args(["netns", "exec", ns, "ssh", "-q", "-o", "BatchMode=yes"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "ConnectTimeout=10", "-i"])
-            .arg(&ssh_key().private)
-            .arg(format!("admin@{ip}"))
-            .arg(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .context("ip netns exec ... ssh")?;
-        if o.status.success() {
-            return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ssh {ip} `{cmd}` failed ({}): {}{}",
-                o.status,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
-}
-
-/// A running lab; `clutch lab down` when dropped.
-pub struct Lab {
-    pub dir: PathBuf,
-    pub ns: String,
-    pub nodes: Vec<Node>,
-    /// Just after `clutch lab up` returned: every VM (the last one too) is powered on.
-    pub powered_on: Instant,
-    _guard: LabGuard,
+/// Removes whatever a killed earlier run left in `dir`, and `dir` itself.
+pub fn clean(dir: &Path) {
+    let _ = ops::down(&RealHost, dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 impl Lab {
-    /// `clutch lab up CONFIG --nodes N --dir DIR --image IMAGE`, after taking down (and
-    /// removing) whatever a killed earlier run left in DIR.
-    pub fn up(config: &Path, image: &Path, dir: &Path, nodes: usize) -> Result<Lab> {
-        let d = dir.display().to_string();
-        let _ = clutch(&["lab", "down", "--dir", &d]);
-        let _ = std::fs::remove_dir_all(dir);
+    /// Brings up a lab of `nodes` VMs of `image` in `dir` the way `clutch lab up` does (the
+    /// accelerator probe included), after removing what a killed earlier run left there.
+    pub fn up(image: &Path, dir: &Path, nodes: usize) -> Result<Lab> {
+        clean(dir);
         std::fs::create_dir_all(dir)?;
-        let guard = LabGuard {
-            dir: dir.to_path_buf(),
-        };
-        let out = clutch(&[
-            "lab",
-            "up",
-            &config.display().to_string(),
-            "--nodes",
-            &nodes.to_string(),
-            "--dir",
-            &d,
-            "--image",
-            &image.display().to_string(),
-        ])?;
-        let powered_on = Instant::now();
-        eprint!("lab up:\n{out}");
-        let (ns, list) = parse_up(&out);
-        if !ns.starts_with("clutch-lab-") || list.len() != nodes {
-            bail!("unexpected `clutch lab up` output: {out:?}");
+        let accel = ops::choose_accel(&RealHost, AccelChoice::Auto, image)?;
+        eprintln!("lab: accelerator {} ({})", accel.accel, accel.reason);
+        let s = plan::plan(dir, image, nodes, 768, accel.accel)?;
+        let size = plan::overlay_size(image, std::fs::metadata(image)?.len());
+        // Adopted before `up`, so a failing `up` is taken down too.
+        let mut lab = Lab::adopt(s.clone());
+        ops::up(&RealHost, &s, size)?;
+        lab.powered_on = Instant::now();
+        Ok(lab)
+    }
+
+    /// The lab that `clutch lab up` is bringing up in `dir`, once its lab.json is written
+    /// and every VM's QEMU is running; `None` before that.
+    pub fn try_attach(dir: &Path) -> Result<Option<Lab>> {
+        Ok(plan::load_state(dir)?
+            .filter(|s| s.nodes.iter().all(|n| ops::running(&RealHost, n)))
+            .map(Lab::adopt))
+    }
+
+    fn adopt(s: LabState) -> Lab {
+        Lab {
+            dir: s.dir.clone(),
+            ns: s.namespace.clone(),
+            nodes: s.nodes.clone(),
+            state: s,
+            powered_on: Instant::now(),
         }
-        Ok(Lab {
-            dir: dir.to_path_buf(),
-            ns,
-            nodes: list,
-            powered_on,
-            _guard: guard,
-        })
     }
 
-    fn lab(&self, verb: &str, node: Option<&str>) -> Result<String> {
-        let d = self.dir.display().to_string();
-        let mut a = vec!["lab", verb];
-        a.extend(node);
-        a.extend(["--dir", d.as_str()]);
-        clutch(&a)
+    /// Every node's status row (status.json over the access channel, else the console).
+    pub fn status(&self) -> Vec<NodeStatus> {
+        ops::statuses(&RealHost, &self.state)
     }
 
-    pub fn status(&self) -> Result<String> {
-        self.lab("status", None)
+    fn index(&self, node: &str) -> Result<NodeIndex> {
+        node.parse::<NodeIndex>().map_err(anyhow::Error::msg)
     }
 
-    /// `clutch lab kill NODE`: a power cut.
-    pub fn kill(&self, node: &str) -> Result<String> {
-        self.lab("kill", Some(node))
+    /// A power cut: SIGKILL to the node's QEMU. The pid, `None` when it was not running.
+    pub fn kill(&self, node: &str) -> Result<Option<u32>> {
+        ops::kill(&RealHost, &self.state, self.index(node)?)
     }
 
-    /// `clutch lab start NODE`: power on again, same disk.
-    pub fn start(&self, node: &str) -> Result<String> {
-        self.lab("start", Some(node))
+    /// Power on again, same disk; the boot number (2 after the first power cut).
+    pub fn start(&self, node: &str) -> Result<usize> {
+        ops::start(&RealHost, &self.state, self.index(node)?)
     }
 
-    pub fn ssh(&self, node: usize, cmd: &str, timeout: Duration) -> Result<String> {
-        ssh_ns(&self.ns, &self.nodes[node].ip, cmd, timeout)
+    /// Runs `script` (`sh -c`) as root on node `i` over the lab's access channel, retrying
+    /// while it fails (sshd coming up, a leader election) until `timeout`.
+    pub fn ssh(&self, i: usize, script: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let cmd = vec!["sh".to_string(), "-c".into(), script.to_string()];
+        let argv = access::ssh_cmd(&self.state, &self.nodes[i], &cmd, SshOpts::default());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let c = RealHost.output(&argv, left + Duration::from_secs(30))?;
+            if c.success() {
+                return Ok(c.stdout);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} `{script}` failed (exit {:?}): {}{}",
+                    self.nodes[i].name,
+                    c.code,
+                    c.stdout,
+                    c.stderr
+                );
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
     }
 
     /// The last `lines` lines of every node's console, for failure messages.
@@ -239,11 +143,32 @@ impl Lab {
                 "\n----- console of {} ({}) -----\n{}",
                 n.name,
                 n.console.display(),
-                tail(&n.console, lines)
+                console::tail(&ops::console_text(n), lines)
             );
         }
         msg
     }
+}
+
+/// The value of `key` (`host`, `role`, `members`) in a phase line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let p: PhaseLine = console::phase_lines(line).pop()?;
+    match key {
+        "host" => Some(p.host),
+        "role" => Some(p.role),
+        "members" => p.members.map(|m| m.to_string()),
+        _ => None,
+    }
+}
+
+/// The phase lines of each boot of a node's console log.
+pub fn phases_by_boot(console_log: &Path) -> Vec<Vec<PhaseLine>> {
+    let text =
+        String::from_utf8_lossy(&std::fs::read(console_log).unwrap_or_default()).into_owned();
+    console::boots_of(&text)
+        .into_iter()
+        .map(console::phase_lines)
+        .collect()
 }
 
 /// A phase line that showed up on a node's console.
@@ -256,6 +181,12 @@ pub struct PhaseEvent {
     pub line: String,
     /// Since [`Lab::powered_on`] (host clock, as often as [`PhaseWatch::poll`] runs).
     pub at: Duration,
+}
+
+fn word(p: &PhaseLine) -> String {
+    p.phase
+        .map(|x| x.as_str().to_string())
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Follows the phase lines of every node, boot by boot.
@@ -279,32 +210,31 @@ impl PhaseWatch {
             for (b, lines) in boots.iter().enumerate() {
                 let boot = b + 1;
                 let done = self.done.entry((i, boot)).or_default();
-                for (phase, line) in &lines[*done..] {
+                for p in &lines[*done..] {
                     let at = lab.powered_on.elapsed();
                     eprintln!(
-                        "[{:>5.0}s] {} (boot {boot}): {line}",
+                        "[{:>5.0}s] {} (boot {boot}): {}",
                         at.as_secs_f64(),
-                        n.name
+                        n.name,
+                        p.line
                     );
-                    self.first_seen
-                        .entry((i, boot, phase.clone()))
-                        .or_insert(at);
+                    self.first_seen.entry((i, boot, word(p))).or_insert(at);
                     out.push(PhaseEvent {
                         node: i,
                         boot,
-                        phase: phase.clone(),
-                        line: line.clone(),
+                        phase: word(p),
+                        line: p.line.clone(),
                         at,
                     });
                 }
                 *done = lines.len();
             }
             match boots[current - 1].last() {
-                Some((phase, line)) => {
+                Some(p) => {
                     let keep = self
                         .last
                         .get(&i)
-                        .is_some_and(|e| e.boot == current && &e.line == line);
+                        .is_some_and(|e| e.boot == current && e.line == p.line);
                     if !keep {
                         let at = lab.powered_on.elapsed();
                         self.last.insert(
@@ -312,8 +242,8 @@ impl PhaseWatch {
                             PhaseEvent {
                                 node: i,
                                 boot: current,
-                                phase: phase.clone(),
-                                line: line.clone(),
+                                phase: word(p),
+                                line: p.line.clone(),
                                 at,
                             },
                         );
@@ -405,17 +335,19 @@ impl FirstbootUsage {
     }
 }
 
-/// Reads [`FirstbootUsage`] on node `i` over ssh.
+/// Reads [`FirstbootUsage`] on node `i`.
 pub fn firstboot_usage(lab: &Lab, i: usize, timeout: Duration) -> Result<FirstbootUsage> {
-    let out = lab.ssh(
-        i,
-        "systemctl show clutch-firstboot -p MemoryPeak -p CPUUsageNSec -p MainPID; \
-         pid=$(systemctl show clutch-firstboot -p MainPID --value); \
-         grep -E '^(VmHWM|VmRSS):' /proc/$pid/status; \
-         echo ClkTck=$(getconf CLK_TCK); \
-         sed 's/.*) //' /proc/$pid/stat | awk '{print \"DaemonTicks=\" $12+$13}'; true",
-        timeout,
-    )?;
+    let out = lab
+        .ssh(
+            i,
+            "systemctl show clutch-firstboot -p MemoryPeak -p CPUUsageNSec -p MainPID; \
+             pid=$(systemctl show clutch-firstboot -p MainPID --value); \
+             grep -E '^(VmHWM|VmRSS):' /proc/$pid/status; \
+             echo ClkTck=$(getconf CLK_TCK); \
+             sed 's/.*) //' /proc/$pid/stat | awk '{print \"DaemonTicks=\" $12+$13}'; true",
+            timeout,
+        )
+        .context("reading clutch-firstboot's usage")?;
     Ok(FirstbootUsage::parse(&out))
 }
 
@@ -424,23 +356,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boots_and_phases_split_at_the_marker() {
-        let log = "a\nclutch: phase=configuring host=lab-1 role=pending members=0\r\n\
-                   clutch: phase=joining host=lab-1 role=server members=2\n\
-                   \n----- clutch lab: powered on again: node1 boot 2 -----\n\
-                   clutch: phase=ready host=lab-1 role=server members=3\n\
-                   \n----- clutch lab: powered on again: node1 boot 3 -----\nbooting\n";
-        let b = boots_of(log);
-        assert_eq!(b.len(), 3, "{b:?}");
-        assert_eq!(b.concat(), log);
-        let p: Vec<Vec<(String, String)>> = b.into_iter().map(phases_in).collect();
-        assert_eq!(p[0].len(), 2);
-        assert_eq!(p[0][1].0, "joining");
-        assert_eq!(p[1][0].0, "ready");
-        assert_eq!(field(&p[1][0].1, "host").as_deref(), Some("lab-1"));
-        assert_eq!(field(&p[1][0].1, "members").as_deref(), Some("3"));
-        assert!(p[2].is_empty());
-        assert_eq!(boots_of("no marker").len(), 1);
+    fn fields_come_from_the_lab_librarys_phase_lines() {
+        let l = "clutch: phase=ready host=lab-1 role=server members=3";
+        assert_eq!(field(l, "host").as_deref(), Some("lab-1"));
+        assert_eq!(field(l, "role").as_deref(), Some("server"));
+        assert_eq!(field(l, "members").as_deref(), Some("3"));
+        assert_eq!(field("no phase here", "host"), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Harness for the boot tests: builds images with the `clutch` binary, starts them under QEMU
-//! (TCG: KVM is not available on the CI machines), reads the serial console and fails with the
-//! console log attached when an expected line does not come in time. Every VM is killed (by
-//! its own pid) when its handle is dropped, also when a test panics.
+//! with the VM code `clutch lab` uses (clutch_builder::lab::vm: KVM when a probe VM boots
+//! under it, else TCG), reads the serial console and fails with the console log attached when
+//! an expected line does not come in time. Every VM is killed (by its own pid) when its handle
+//! is dropped, also when a test panics.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -11,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Driving `clutch lab` (the 3-VM lab test and the lab benchmark share it).
+/// The lab (clutch_builder::lab) for the 3-VM lab test and the lab benchmark.
 pub mod lab;
+
+use clutch_builder::lab::vm::{self as labvm, Accel, AccelChoice};
+use clutch_builder::lab::{RealHost, ops};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -232,18 +236,9 @@ pub struct Vm {
 pub fn overlay(base: &Path, name: &str, size: Option<&str>) -> Result<PathBuf> {
     let p = artifacts().join(format!("{name}.qcow2"));
     let _ = std::fs::remove_file(&p);
-    let fmt = if base.extension().is_some_and(|e| e == "qcow2") {
-        "qcow2"
-    } else {
-        "raw"
-    };
-    let mut c = Command::new("qemu-img");
-    c.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
-        .arg(base)
-        .arg(&p);
-    if let Some(s) = size {
-        c.arg(s);
-    }
+    let argv = labvm::overlay_cmd(base, &p, size);
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
     let st = c.status().context("qemu-img (package qemu-utils)")?;
     if !st.success() {
         bail!("qemu-img create failed for {}", p.display());
@@ -251,13 +246,26 @@ pub fn overlay(base: &Path, name: &str, size: Option<&str>) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// What every test VM has: one vCPU, no display or monitor, the serial console on stdio
-/// (read by the harness), no reboot, and `o.disk` as a virtio disk.
-fn headless(c: &mut Command, o: &VmOpts) {
-    c.arg("-m")
-        .arg(o.memory_mib.to_string())
-        .args(["-smp", "1", "-display", "none", "-monitor", "none"])
-        .args(["-serial", "stdio", "-no-reboot", "-drive"])
+/// The accelerator of this test process's x86 VMs: decided once, by the same probe as
+/// `clutch lab up` (booting `disk`, the first VM's, under KVM until its kernel starts).
+pub fn accel(disk: &Path) -> Accel {
+    static A: OnceLock<Accel> = OnceLock::new();
+    *A.get_or_init(|| {
+        let d = ops::choose_accel(&RealHost, AccelChoice::Auto, disk).unwrap_or_else(|e| {
+            labvm::AccelDecision {
+                accel: Accel::Tcg,
+                reason: format!("{e:#}"),
+            }
+        });
+        eprintln!("boot tests: accelerator {} ({})", d.accel, d.reason);
+        d.accel
+    })
+}
+
+/// What every test VM has besides its machine: the serial console on stdio (read by the
+/// harness), no reboot, and `o.disk` as a virtio disk.
+fn console_and_disk(c: &mut Command, o: &VmOpts) {
+    c.args(["-serial", "stdio", "-no-reboot", "-drive"])
         .arg(format!(
             "file={},format={},if=virtio",
             o.disk.display(),
@@ -268,9 +276,9 @@ fn headless(c: &mut Command, o: &VmOpts) {
 impl Vm {
     pub fn start(o: VmOpts) -> Result<Vm> {
         let log_path = artifacts().join(format!("{}.console.log", o.name));
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-machine", "pc", "-accel", "tcg"]);
-        headless(&mut c, &o);
+        let mut c = Command::new(labvm::QEMU_X86);
+        c.args(labvm::headless_args(accel(&o.disk), o.memory_mib));
+        console_and_disk(&mut c, &o);
         let mut vars = None;
         if o.firmware == Firmware::Uefi {
             let v = tempfile::NamedTempFile::new_in(artifacts())?;
@@ -296,8 +304,11 @@ impl Vm {
         let log_path = artifacts().join(format!("{}.console.log", o.name));
         let mut c = Command::new("qemu-system-aarch64");
         // cortex-a72 (no pointer authentication) is much faster under TCG than `max`.
-        c.args(["-machine", "virt", "-accel", "tcg", "-cpu", "cortex-a72"]);
-        headless(&mut c, &o);
+        c.args(["-machine", "virt", "-accel", "tcg", "-cpu", "cortex-a72"])
+            .arg("-m")
+            .arg(o.memory_mib.to_string())
+            .args(["-smp", "1", "-display", "none", "-monitor", "none"]);
+        console_and_disk(&mut c, &o);
         c.arg("-kernel")
             .arg(&boot.kernel)
             .arg("-initrd")
@@ -489,11 +500,29 @@ pub fn free_port() -> u16 {
 /// QEMU arguments that hand the guest a systemd system credential `name=value` (SMBIOS
 /// type 11 strings, which systemd imports into `/run/credentials/@system` in a VM). Units
 /// see it with `ImportCredential=name`, e.g. clutch-firstboot's `clutch.hold` hold points.
-pub fn smbios_credential(name: &str, value: &str) -> Vec<String> {
-    vec![
-        "-smbios".into(),
-        format!("type=11,value=io.systemd.credential:{name}={value}"),
-    ]
+pub use clutch_builder::lab::vm::smbios_credential;
+
+/// Where the FAT partition starts on an amd64 image (the first partition, at 1 MiB).
+pub const ESP_OFFSET: u64 = 1 << 20;
+
+/// Runs an mtools command (`mcopy`, `mtype`, ...); its stdout.
+pub fn mtools(args: &[&str]) -> String {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("{} (package mtools): {e}", args[0]));
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The mtools name of an amd64 image's FAT partition.
+pub fn fat(img: &Path) -> String {
+    format!("{}@@{ESP_OFFSET}", img.display())
 }
 
 /// User-mode networking with the guest's ssh on `127.0.0.1:port`. Guest traffic stays inside

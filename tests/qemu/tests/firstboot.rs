@@ -22,7 +22,6 @@ use clutch_qemu_tests::*;
 const BOOT: Duration = Duration::from_secs(480);
 const SSH: Duration = Duration::from_secs(240);
 /// The ESP starts at 1 MiB on the amd64 image.
-const ESP_OFFSET: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const WIFI_PASSPHRASE: &str = "clutch-test-passphrase";
 /// The image's login user: a group of Debian's base system, not a user.
@@ -57,24 +56,6 @@ fn image() -> PathBuf {
         build_image(&cfg, "raw").expect("build the firstboot test image")
     })
     .clone()
-}
-
-fn mtools(args: &[&str]) -> String {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("{} (package mtools): {e}", args[0]));
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fat(img: &Path) -> String {
-    format!("{}@@{ESP_OFFSET}", img.display())
 }
 
 /// `clutch.toml` as it is on the image's FAT partition.

@@ -1,24 +1,38 @@
-//! The real cluster (issues 4 and 8): `clutch lab up image-configs/amd64-lab.toml --nodes 3`
-//! boots three VMs of one etcd image in a private network namespace; they find each other
-//! over mDNS and form a 3-member etcd cluster.
+//! The real cluster, the way a CI pipeline runs it (README, "CI recipe"): `clutch lab up
+//! image-configs/amd64-lab.toml --nodes 3 --build --wait ready` boots three VMs of one etcd
+//! image in a private network namespace; they find each other over mDNS and form a 3-member
+//! etcd cluster, and the command exits 0 once every node's live status.json says `ready`.
+//! Then `clutch lab status --json` and `clutch lab exec 1 -- etcdctl member list`, and at the
+//! end `clutch lab down`.
 //!
-//! In the same run, the first node seen at `phase=joining` loses its power during the join,
-//! as soon as its etcd has begun writing its data dir (`clutch lab kill`: SIGKILL to its
-//! QEMU; its admitting server has already added it as an etcd member, and being the second
-//! member, the cluster has no quorum without it) and is powered on again on the same disk (`clutch lab
-//! start`). It must end `phase=ready` with the same node id and hostname, and every node's
-//! `etcdctl member list` must show exactly 3 started members (no stale or unstarted
-//! duplicate of it). Then, checked from inside the namespace over ssh: a key written on one
-//! node is read on another, and with one VM killed the other two still accept writes.
+//! While `lab up --wait` runs, the test follows the consoles through the same lab library
+//! (clutch_builder::lab), and the first node seen at `phase=joining` (or, when the nodes
+//! bootstrap the cluster together and nobody joins, the first of them at `bootstrapping`)
+//! loses its power during that step, as soon as its etcd has begun writing its data dir (SIGKILL to its QEMU; its
+//! admitting server has already added it as an etcd member, and being the second member, the
+//! cluster has no quorum without it) and is powered on again on the same disk 3 s later (the
+//! wait rides through a power cycle that short). It must end `phase=ready` with the same node
+//! id and hostname, and every node's `etcdctl member list` must show exactly 3 started members
+//! (no stale or unstarted duplicate of it). Then, over the lab's access channel: a key written
+//! on one node is read on another, and with one VM killed the other two still accept writes.
+//!
+//! Last, on the same image with a broken clutch.toml on its FAT partition, one node ends
+//! `phase=failed` and `lab up --wait ready` must exit non-zero within a minute of that,
+//! showing the node's error.
 
 use std::time::{Duration, Instant};
 
-use clutch_qemu_tests::lab::{Lab, PhaseWatch, field};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use clutch_qemu_tests::lab::{self, Lab, LabGuard, PhaseWatch, field};
 use clutch_qemu_tests::*;
 
 /// TCG, three guests on two cores: boot, etcd start and formation all run slowly; the
-/// power-cut node boots a second time.
+/// power-cut node boots a second time. (`--timeout` of the recipe's `lab up --wait`.)
 const FORMATION: Duration = Duration::from_secs(25 * 60);
+/// A cold `--build` (root filesystem and all) before the VMs are powered on.
+const BUILD: Duration = Duration::from_secs(30 * 60);
 /// The joiner loses its power as soon as etcd has begun writing its data dir (the
 /// admitting server ran `etcdctl member add` before the joiner printed `joining`), or
 /// after this long in `joining` if etcd never gets that far.
@@ -36,6 +50,20 @@ struct Cut {
     started_at: Duration,
 }
 
+/// The node whose formation step to cut short, and that step: the first node seen at
+/// `joining` (a node admitted by a running cluster), or, when the nodes bootstrap the cluster
+/// together (two or more at `bootstrapping` at once: a static bootstrap, nobody joins), the
+/// first of those. A lone bootstrapper is never cut: without it there is no cluster to rejoin.
+fn cut_target(w: &PhaseWatch, nodes: usize) -> Option<(usize, &'static str)> {
+    if let Some(i) = (0..nodes).find(|&i| w.phase(i) == Some("joining")) {
+        return Some((i, "joining"));
+    }
+    let b: Vec<usize> = (0..nodes)
+        .filter(|&i| w.phase(i) == Some("bootstrapping"))
+        .collect();
+    (b.len() >= 2).then(|| (b[0], "bootstrapping"))
+}
+
 fn member_lines(list: &str) -> Vec<&str> {
     list.lines().filter(|l| !l.trim().is_empty()).collect()
 }
@@ -45,12 +73,36 @@ fn three_vms_form_an_etcd_cluster() {
     let _one = serial_lock();
     let t_test = Instant::now();
     let cfg = test_config("amd64-lab", "amd64-lab", |t| t);
-    let img = build_image(&cfg, "raw").expect("build amd64-lab");
-    let lab = Lab::up(&cfg, &img, &artifacts().join("lab"), 3).expect("clutch lab up");
+    let dir = artifacts().join("lab");
+    lab::clean(&dir);
+    let _down = LabGuard(dir.clone());
+    let mut up = recipe_up(&cfg, &dir, 3, "up");
+    let lab = loop {
+        if let Some(l) = Lab::try_attach(&dir).expect("reading lab.json") {
+            break l;
+        }
+        if let Some(st) = up.try_wait().unwrap() {
+            panic!(
+                "clutch lab up ended ({st}) before the VMs ran:\n{}",
+                output_of(&dir, "up")
+            );
+        }
+        assert!(
+            t_test.elapsed() < BUILD,
+            "no lab after {BUILD:?}:\n{}",
+            output_of(&dir, "up")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "lab powered on {:.0}s into the test",
+        t_test.elapsed().as_secs_f64()
+    );
     let ssh_wait = Duration::from_secs(180);
 
     let mut w = PhaseWatch::default();
-    let mut joining: Option<(usize, Instant)> = None;
+    // The node to power-cut, the phase it was in, since when.
+    let mut joining: Option<(usize, &str, Instant)> = None;
     let mut cut: Option<Cut> = None;
     let all_ready = loop {
         w.poll(&lab);
@@ -63,11 +115,9 @@ fn three_vms_form_an_etcd_cluster() {
             );
         }
         if joining.is_none() {
-            joining = (0..lab.nodes.len())
-                .find(|&i| w.phase(i) == Some("joining"))
-                .map(|i| (i, Instant::now()));
+            joining = cut_target(&w, lab.nodes.len()).map(|(i, p)| (i, p, Instant::now()));
         }
-        if let (None, Some((v, since))) = (&cut, joining) {
+        if let (None, Some((v, cut_phase, since))) = (&cut, joining) {
             let name = lab.nodes[v].name.clone();
             let last = w.last[&v].clone();
             let host = field(&last.line, "host").expect("host= in the phase line");
@@ -77,10 +127,10 @@ fn three_vms_form_an_etcd_cluster() {
                 .ssh(
                     v,
                     &format!(
-                        "sudo cat /var/lib/clutch/node-id; echo; \
-                         sudo timeout {} sh -c 'until test -e /var/lib/etcd/clutch/member; do sleep 0.3; done'; \
+                        "cat /var/lib/clutch/node-id; echo; \
+                         timeout {} sh -c 'until test -e /var/lib/etcd/clutch/member; do sleep 0.3; done'; \
                          systemctl is-active etcd; \
-                         sudo find /var/lib/etcd/clutch -maxdepth 3 2>&1 | head -20; true",
+                         find /var/lib/etcd/clutch -maxdepth 3 2>&1 | head -20; true",
                         CUT_BY.as_secs()
                     ),
                     CUT_BY + Duration::from_secs(60),
@@ -88,31 +138,30 @@ fn three_vms_form_an_etcd_cluster() {
                 .expect("ssh to the joiner before the power cut");
             let node_id = probe.lines().next().unwrap_or_default().trim().to_string();
             assert_eq!(node_id.len(), 32, "node id of {name}: {probe}");
-            let out = lab.kill(&name).expect("clutch lab kill");
+            let pid = lab.kill(&name).expect("lab kill");
             let killed_at = lab.powered_on.elapsed();
             eprintln!(
-                "[{:>5.0}s] POWER CUT {name} ({host}, node id {node_id}) {:.0}s into phase=joining: {}\n\
+                "[{:>5.0}s] POWER CUT {name} ({host}, node id {node_id}) {:.0}s into phase={cut_phase}: {}\n\
                  joiner just before the cut (etcd unit state, data dir):\n{}",
                 killed_at.as_secs_f64(),
                 since.elapsed().as_secs_f64(),
-                out.trim(),
+                pid.map(|p| format!("killed (pid {p})")).unwrap_or_default(),
                 probe.lines().skip(1).collect::<Vec<_>>().join("\n")
             );
-            assert!(out.contains("killed"), "lab kill: {out}");
+            assert!(pid.is_some(), "{name} was running");
             w.poll(&lab);
             assert_eq!(
                 (w.last[&v].boot, w.last[&v].phase.as_str()),
-                (1, "joining"),
-                "{name} finished its join before the power cut; nothing was cut short"
+                (1, cut_phase),
+                "{name} finished its {cut_phase} before the power cut; nothing was cut short"
             );
             std::thread::sleep(OFF_FOR);
-            let out = lab.start(&name).expect("clutch lab start");
-            assert!(out.contains("boot=2"), "lab start: {out}");
+            let boot = lab.start(&name).expect("lab start");
+            assert_eq!(boot, 2, "lab start");
             let started_at = lab.powered_on.elapsed();
             eprintln!(
-                "[{:>5.0}s] powered {name} on again: {}",
-                started_at.as_secs_f64(),
-                out.trim()
+                "[{:>5.0}s] powered {name} on again (boot {boot})",
+                started_at.as_secs_f64()
             );
             // What the cluster thinks of it meanwhile (a server that is ready).
             if let Some(s) = (0..lab.nodes.len()).find(|&i| w.phase(i) == Some("ready")) {
@@ -138,25 +187,40 @@ fn three_vms_form_an_etcd_cluster() {
                 started_at,
             });
         }
-        let victim_rebooted = cut
-            .as_ref()
-            .is_some_and(|c| w.last.get(&c.node).is_some_and(|e| e.boot == 2));
-        if w.ready() == lab.nodes.len() && victim_rebooted {
+        if let Some(st) = up.try_wait().unwrap() {
+            let out = output_of(&dir, "up");
+            assert!(
+                st.success(),
+                "clutch lab up --wait ready failed ({st}):\n{out}{}",
+                lab.consoles(60)
+            );
+            eprint!("clutch lab up --wait ready:\n{out}");
             break lab.powered_on.elapsed();
         }
-        if w.ready() == lab.nodes.len() && cut.is_none() {
-            panic!("all nodes ready, but no node was seen in phase=joining to cut");
-        }
-        if lab.powered_on.elapsed() > FORMATION {
+        if lab.powered_on.elapsed() > FORMATION + Duration::from_secs(60) {
             panic!(
-                "not all nodes ready within {}s{}",
+                "clutch lab up --wait did not end within {}s{}",
                 FORMATION.as_secs(),
                 lab.consoles(60)
             );
         }
         std::thread::sleep(Duration::from_secs(1));
     };
-    let cut = cut.unwrap();
+    w.poll(&lab);
+    let Some(cut) = cut else {
+        panic!(
+            "all nodes ready, but no node was seen joining (or bootstrapping with others) to cut"
+        )
+    };
+    assert_eq!(
+        w.ready(),
+        lab.nodes.len(),
+        "lab up said ready: every console too"
+    );
+    assert_eq!(
+        w.last[&cut.node].boot, 2,
+        "the power-cut node is ready in its 2nd boot"
+    );
     let victim = &lab.nodes[cut.node];
     let rejoin = cut.started.elapsed();
     eprintln!(
@@ -179,7 +243,72 @@ fn three_vms_form_an_etcd_cluster() {
             );
         }
     }
-    eprint!("lab status:\n{}", lab.status().unwrap());
+    // `clutch lab status --json`: every node's live status.json, 3 members everywhere (the
+    // console lines of the first nodes still say fewer).
+    let json = clutch(&[
+        "lab",
+        "status",
+        "--json",
+        "--dir",
+        &dir.display().to_string(),
+    ]);
+    eprintln!("clutch lab status --json:\n{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("lab status --json");
+    let rows = v["nodes"].as_array().expect("nodes");
+    assert_eq!(rows.len(), 3, "{json}");
+    for r in rows {
+        assert_eq!(r["source"], "status_json", "{json}");
+        assert_eq!(r["phase"], "ready", "{json}");
+        assert_eq!(r["members"], 3, "{json}");
+    }
+    // `clutch lab exec 1 -- etcdctl member list`: its output and exit code.
+    let list = clutch(&[
+        "lab",
+        "exec",
+        "1",
+        "--dir",
+        &dir.display().to_string(),
+        "--",
+        "etcdctl",
+        "member",
+        "list",
+    ]);
+    assert_eq!(
+        member_lines(&list).len(),
+        3,
+        "lab exec 1 -- etcdctl member list:\n{list}"
+    );
+    let st = Command::new(bin("clutch"))
+        .args([
+            "lab",
+            "exec",
+            "0",
+            "--dir",
+            &dir.display().to_string(),
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .status()
+        .unwrap();
+    assert_eq!(
+        st.code(),
+        Some(7),
+        "lab exec passes the command's exit code"
+    );
+    // The lab's access did not loosen the image's own sshd: its user gets in with the
+    // config's key on port 22, root does not (not even with the lab's key).
+    assert_eq!(
+        port22(&lab, "admin", &ssh_key().private),
+        0,
+        "admin on port 22"
+    );
+    assert_ne!(
+        port22(&lab, "root", &lab.state.access.client_key),
+        0,
+        "root on the image's own sshd"
+    );
 
     // The power-cut node is the same node: hostname and node id, and ready in its new boot.
     let ready = &w.last[&cut.node];
@@ -191,11 +320,11 @@ fn three_vms_form_an_etcd_cluster() {
         victim.name
     );
     let id_after = lab
-        .ssh(cut.node, "sudo cat /var/lib/clutch/node-id", ssh_wait)
+        .ssh(cut.node, "cat /var/lib/clutch/node-id", ssh_wait)
         .unwrap();
     assert_eq!(id_after.trim(), cut.node_id, "node id of {}", victim.name);
     let status = lab
-        .ssh(cut.node, "sudo cat /run/clutch/status.json", ssh_wait)
+        .ssh(cut.node, "cat /run/clutch/status.json", ssh_wait)
         .unwrap();
     assert!(
         status.contains(&cut.node_id) && status.contains("\"ready\""),
@@ -210,7 +339,7 @@ fn three_vms_form_an_etcd_cluster() {
             .ssh(
                 i,
                 &format!(
-                    "sudo journalctl -u clutch-firstboot {boot} --no-pager -o cat | \
+                    "journalctl -u clutch-firstboot {boot} --no-pager -o cat | \
                      grep -iE 'rejoin|quorum|stale|admission failed|admitting|interrupted|data dir' | tail -n 8; true"
                 ),
                 ssh_wait,
@@ -284,7 +413,13 @@ fn three_vms_form_an_etcd_cluster() {
 
     // Kill one VM for good: the other two keep quorum and accept writes.
     let last = lab.nodes.len() - 1;
-    let out = lab.kill(&lab.nodes[last].name).expect("clutch lab kill");
+    let out = clutch(&[
+        "lab",
+        "kill",
+        &last.to_string(),
+        "--dir",
+        &dir.display().to_string(),
+    ]);
     assert!(out.contains("killed"), "lab kill: {out}");
     let t_kill = Instant::now();
     eprintln!("{}", out.trim());
@@ -320,8 +455,11 @@ fn three_vms_form_an_etcd_cluster() {
 
     let ns = lab.ns.clone();
     let nodes = lab.nodes.clone();
+    let access = lab.state.access.dir.clone();
+    // The recipe's last step; down removes everything it made.
+    let out = clutch(&["lab", "down", "--dir", &dir.display().to_string()]);
+    eprint!("clutch lab down:\n{out}");
     drop(lab);
-    // Down removed everything it made.
     let netns = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -333,8 +471,157 @@ fn three_vms_form_an_etcd_cluster() {
     for n in &nodes {
         assert!(!n.pidfile.exists(), "{} still has a pidfile", n.name);
     }
+    assert!(!access.exists(), "the lab's keys are gone");
+
+    failed_node_ends_the_wait(&cfg);
     eprintln!(
         "lab test took {:.0}s in total",
         t_test.elapsed().as_secs_f64()
     );
+}
+
+/// The recipe's `clutch lab up CONFIG --nodes N --build --wait ready`, run from the artifacts
+/// folder (so `--build` writes `out/<name>/`, where the other tests' builds go) with the test
+/// run's cache and this checkout's boards; output in `DIR.<tag>.out`.
+fn recipe_up(cfg: &Path, dir: &Path, nodes: usize, tag: &str) -> Child {
+    let log = std::fs::File::create(dir.with_extension(format!("{tag}.out"))).unwrap();
+    Command::new(bin("clutch"))
+        .args(["lab", "up"])
+        .arg(cfg)
+        .args(["--nodes", &nodes.to_string(), "--build", "--wait", "ready"])
+        .args(["--timeout", &FORMATION.as_secs().to_string(), "--dir"])
+        .arg(dir)
+        .current_dir(artifacts())
+        .env("CLUTCH_CACHE", cache_dir())
+        .env("CLUTCH_DATA_DIR", workspace())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("clutch lab up")
+}
+
+fn output_of(dir: &Path, tag: &str) -> String {
+    std::fs::read_to_string(dir.with_extension(format!("{tag}.out"))).unwrap_or_default()
+}
+
+/// `clutch ARGS`; its stdout (fails the test when it fails).
+fn clutch(args: &[&str]) -> String {
+    let o = Command::new(bin("clutch"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "clutch {} failed ({}): {}{}",
+        args.join(" "),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// ssh to node0's own sshd (port 22) as `user` with `key`, from inside the namespace; the
+/// exit code.
+fn port22(lab: &Lab, user: &str, key: &Path) -> i32 {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.ns, "ssh", "-F", "/dev/null", "-q"])
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            "-i",
+        ])
+        .arg(key)
+        .arg(format!("{user}@{}", lab.nodes[0].ip))
+        .arg("true")
+        .stdin(Stdio::null())
+        .status()
+        .unwrap()
+        .code()
+        .unwrap_or(-1)
+}
+
+/// A clutch.toml whose error is at a known place (firstboot's test uses the same).
+const BROKEN: &str = "version = 1\n\n[system]\nhostname = \"node-{serial}\"\ntimezone = \"UTC\"\n";
+
+/// One VM of the lab image with BROKEN on its FAT partition ends `phase=failed`; the recipe's
+/// `lab up --wait ready` must exit non-zero within a minute of that, naming the error.
+fn failed_node_ends_the_wait(cfg: &Path) {
+    let img = artifacts().join("out/amd64-lab/amd64-lab.img");
+    let broken = artifacts().join("lab-broken.img");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&img)
+        .arg(&broken)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let toml = artifacts().join("lab-broken.toml");
+    std::fs::write(&toml, BROKEN).unwrap();
+    mtools(&[
+        "mcopy",
+        "-o",
+        "-i",
+        &fat(&broken),
+        toml.to_str().unwrap(),
+        "::/clutch.toml",
+    ]);
+    let dir = artifacts().join("lab-broken");
+    lab::clean(&dir);
+    let _down = LabGuard(dir.clone());
+    let t = Instant::now();
+    let o = Command::new(bin("clutch"))
+        .args(["lab", "up"])
+        .arg(cfg)
+        .args([
+            "--nodes",
+            "1",
+            "--wait",
+            "ready",
+            "--timeout",
+            "900",
+            "--image",
+        ])
+        .arg(&broken)
+        .arg("--dir")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!(
+        "lab up --wait ready on a failing node ({:.0}s):\n{err}",
+        took.as_secs_f64()
+    );
+    assert!(
+        !o.status.success(),
+        "lab up --wait ready succeeded on a failed node"
+    );
+    let want = "/boot/efi/clutch.toml:4:12: system.hostname";
+    assert!(err.contains("clutch lab: node0 is failed ("), "{err}");
+    assert!(
+        err.contains(&format!("node0: error: {want}")),
+        "the node's error: {err}"
+    );
+    assert!(err.contains("last 40 lines of node0's console"), "{err}");
+    // When the console showed the failure (the progress line `[  Ns] node0: clutch:
+    // phase=failed`), and when the command ended.
+    let failed_at: f64 = err
+        .lines()
+        .find(|l| l.contains("node0: clutch: phase=failed"))
+        .and_then(|l| l.trim_start_matches('[').split('s').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no failed progress line: {err}"));
+    let after = took.as_secs_f64() - failed_at;
+    eprintln!(
+        "MEASURED lab up --wait exited {after:.0}s after the failed line ({failed_at:.0}s after power-on)"
+    );
+    assert!(after < 60.0, "exited {after:.0}s after the failure");
+    clutch(&["lab", "down", "--dir", &dir.display().to_string()]);
 }

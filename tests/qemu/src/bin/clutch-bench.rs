@@ -237,7 +237,7 @@ fn lab_run(row: &mut dyn FnMut(&str, String)) -> Result<()> {
     let cfg = test_config("amd64-lab", "bench-lab", |t| t);
     let (img, _) = build(&cfg, &cache_dir(), "raw")?;
     let _one = serial_lock();
-    let lab = Lab::up(&cfg, &img, &artifacts().join("bench/lab"), 3)?;
+    let lab = Lab::up(&img, &artifacts().join("bench/lab"), 3)?;
     let mut w = PhaseWatch::default();
     let limit = Duration::from_secs(20 * 60);
     let formed = loop {
