@@ -126,7 +126,7 @@ pub struct FormationConfig {
 }
 
 impl FormationConfig {
-    /// Defaults: settle 3 s, partial wait 30 s, poll 1 s, peer timeout 6 s, default
+    /// Defaults: settle 2 s, partial wait 30 s, poll 1 s, peer timeout 6 s, default
     /// interface filter, port [`DEFAULT_PORT`], mDNS on.
     pub fn new(
         node_id: NodeId,
@@ -145,7 +145,7 @@ impl FormationConfig {
             expected_size: cluster.expected_size,
             servers: cluster.servers(),
             state_dir,
-            settle: Duration::from_secs(3),
+            settle: Duration::from_secs(2),
             partial_wait: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(6),

@@ -12,9 +12,14 @@ pub use clutch_os::fs::write_atomic;
 
 /// Starts and stops the engine's service.
 pub trait ServiceManager: Send + Sync {
-    /// (Re)start the unit with its current configuration, and enable it for boot.
+    /// (Re)start the unit with its current configuration, without waiting for it.
     fn restart(&self, unit: &str) -> Result<(), String>;
     fn stop(&self, unit: &str) -> Result<(), String>;
+    /// Take in a unit file that was written or changed, and enable it for boot.
+    fn install(&self, unit: &str) -> Result<(), String> {
+        let _ = unit;
+        Ok(())
+    }
 }
 
 /// systemd via `systemctl`.
@@ -42,15 +47,20 @@ impl<R: CommandRunner> Systemd<R> {
 }
 
 impl<R: CommandRunner> ServiceManager for Systemd<R> {
+    /// Only a restart: on a slow node (an SD card, an emulated VM) `daemon-reload` and
+    /// `enable` (Debian's sysv-install) take 3 and 10 s, and an engine whose unit file is
+    /// packaged needs neither (clutch-firstboot starts it again on every boot).
     fn restart(&self, unit: &str) -> Result<(), String> {
-        self.systemctl(&["daemon-reload"])?;
         // `--no-block`: the etcd unit is Type=notify and only reports ready once its cluster
         // has quorum, which for a joiner may need this very call to return first.
-        self.systemctl(&["enable", unit])?;
         self.systemctl(&["restart", "--no-block", unit])
     }
     fn stop(&self, unit: &str) -> Result<(), String> {
         self.systemctl(&["stop", unit])
+    }
+    fn install(&self, unit: &str) -> Result<(), String> {
+        self.systemctl(&["daemon-reload"])?;
+        self.systemctl(&["enable", unit])
     }
 }
 

@@ -282,6 +282,13 @@ impl K3sEngine {
     }
 
     fn start(&self, me: &LocalNode, role: Role) -> Result<(), EngineError> {
+        // The unit file was just written (server or agent): systemd must read it.
+        self.services
+            .install(UNIT)
+            .map_err(|reason| EngineError::Service {
+                unit: UNIT.into(),
+                reason,
+            })?;
         self.services
             .restart(UNIT)
             .map_err(|reason| EngineError::Service {

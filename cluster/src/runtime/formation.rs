@@ -205,6 +205,10 @@ async fn found(sh: &Arc<Shared>, plan: Bootstrap) -> Result<(), Error> {
         .member(sh.me())
         .cloned()
         .expect("the leader is in its plan");
+    sh.st.lock().unwrap().members = MemberList {
+        epoch: 1,
+        members: plan.members.clone(),
+    };
     set_phase(
         sh,
         Phase::Bootstrapping,
@@ -217,10 +221,6 @@ async fn found(sh: &Arc<Shared>, plan: Bootstrap) -> Result<(), Error> {
             plan.members.len()
         ),
     );
-    sh.st.lock().unwrap().members = MemberList {
-        epoch: 1,
-        members: plan.members.clone(),
-    };
     let (engine, local, p) = (sh.engine.clone(), sh.local.clone(), plan.clone());
     let role = mine.role;
     let res = blocking(move || {
@@ -284,6 +284,16 @@ async fn enroll(sh: &Arc<Shared>, from: &NodeId, plan: &Bootstrap) -> Attempt {
         Err(e) => return Attempt::Retry(format!("making a certificate request: {e}")),
     };
     let mine = plan.member(sh.me()).map(|m| m.role).unwrap_or(Role::None);
+    {
+        // The plan's members, until the admitting server sends its list.
+        let mut st = sh.st.lock().unwrap();
+        if st.members.members.is_empty() {
+            st.members = MemberList {
+                epoch: 0,
+                members: plan.members.clone(),
+            };
+        }
+    }
     set_phase(
         sh,
         Phase::Bootstrapping,
