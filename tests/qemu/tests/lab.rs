@@ -378,6 +378,7 @@ fn three_vms_form_an_etcd_cluster() {
             );
         }
     }
+    outsider_gets_nothing(&lab);
     // Written on one, read on another; the power-cut node reads and writes too.
     lab.ssh(0, "etcdctl put clutch/lab written-on-node0", ssh_wait)
         .unwrap();
@@ -478,6 +479,66 @@ fn three_vms_form_an_etcd_cluster() {
         "lab test took {:.0}s in total",
         t_test.elapsed().as_secs_f64()
     );
+}
+
+/// A machine on the lab network without the cluster's certificates (the host side of the
+/// lab namespace) can neither read, write nor join etcd, on the client or the peer port.
+fn outsider_gets_nothing(lab: &Lab) {
+    let run = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for n in &lab.nodes {
+        let ip = &n.ip;
+        for url in [
+            format!("http://{ip}:2379/version"),
+            format!("https://{ip}:2379/version"),
+            format!("http://{ip}:2380/members"),
+            format!("https://{ip}:2380/members"),
+        ] {
+            let out = run(&["curl", "-sS", "-k", "--max-time", "5", &url]);
+            assert!(
+                !out.status.success(),
+                "{url} answered a machine without certificates: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let ep = format!("--endpoints=https://{ip}:2379");
+        for cmd in [
+            vec![
+                "member",
+                "add",
+                "intruder",
+                "--peer-urls=https://10.77.0.250:2380",
+            ],
+            vec!["put", "owned", "yes"],
+            vec!["get", "--prefix", ""],
+        ] {
+            let mut a = vec![
+                "etcdctl",
+                ep.as_str(),
+                "--insecure-skip-tls-verify",
+                "--dial-timeout=3s",
+                "--command-timeout=5s",
+            ];
+            a.extend(cmd.iter().copied());
+            let out = run(&a);
+            assert!(
+                !out.status.success(),
+                "etcdctl {cmd:?} worked without certificates on {ip}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    let list = lab
+        .ssh(0, "etcdctl member list", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(member_lines(&list).len(), 3, "{list}");
+    assert!(!list.contains("intruder"), "{list}");
+    eprintln!("from the lab network without certificates: no read, write or join on 2379/2380");
 }
 
 /// The recipe's `clutch lab up CONFIG --nodes N --build --wait ready`, run from the artifacts
