@@ -232,6 +232,88 @@ async fn cluster_addr(cfg: &FormationConfig, status: &dyn StatusSink) -> std::ne
     }
 }
 
+/// The formation state of a node about to start.
+fn shared_state(
+    cfg: FormationConfig,
+    engine: Box<dyn Engine>,
+    status: Arc<dyn StatusSink>,
+    identity: Identity,
+    cluster_key: ClusterKey,
+    addr: std::net::IpAddr,
+    resume: Option<&state::Membership>,
+) -> Arc<Shared> {
+    let store = Store::new(&cfg.state_dir);
+    let durable = store.durable();
+    let local = LocalNode {
+        node_id: cfg.node_id.clone(),
+        hostname: cfg.hostname.clone(),
+        addr,
+        cluster_name: cfg.cluster_name.clone(),
+    };
+    Arc::new(Shared {
+        identity,
+        cluster_key,
+        quorum: cfg.quorum(),
+        servers: cfg.servers.max(1) as usize,
+        local,
+        engine: Arc::from(engine),
+        sink: status,
+        store,
+        st: Mutex::new(State {
+            // Resuming: start out as what we were, so peers and the status never see this
+            // node rediscover.
+            phase: if resume.is_some() {
+                Phase::Joining
+            } else {
+                Phase::Discovering
+            },
+            role: resume.map_or(Role::None, |m| m.role),
+            leader: resume.and_then(|m| m.leader.clone()),
+            durable,
+            members: Default::default(),
+            admissions: Admissions::new(Duration::from_secs(180)),
+            authed: Default::default(),
+            pinned: Default::default(),
+            limiter: RateLimiter::new(5, Duration::from_secs(60), Duration::from_secs(30)),
+            waiting: "starting discovery".into(),
+            warnings: vec![],
+            error: None,
+            last_sent: None,
+        }),
+        peers: Default::default(),
+        discovery: Mutex::new(None),
+        cfg,
+    })
+}
+
+/// Starts mDNS (advertising `addr:port`) and the task that hands its peer table to the
+/// runtime.
+fn start_discovery(
+    shared: &Arc<Shared>,
+    addr: std::net::IpAddr,
+    port: u16,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let advert = discovery::Advert {
+        node_id: shared.cfg.node_id.clone(),
+        hostname: shared.cfg.hostname.to_string(),
+        cluster: shared.cluster_key.clone(),
+        addrs: vec![addr],
+        port,
+    };
+    let d = discovery::Discovery::start(&shared.cfg.interfaces, advert)
+        .map_err(|e| Error::Discovery(e.to_string()))?;
+    let table = d.peers.clone();
+    *shared.discovery.lock().unwrap() = Some(d);
+    let sh2 = shared.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            let snapshot = table.lock().unwrap().clone();
+            *sh2.peers.lock().unwrap() = snapshot;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }))
+}
+
 /// Form or join the cluster; see the crate docs.
 pub async fn form(
     cfg: FormationConfig,
@@ -252,13 +334,10 @@ pub async fn form(
         cfg.expected_size,
         cfg.servers,
     );
-    let store = Store::new(&cfg.state_dir);
-    let resume = store
+    let resume = Store::new(&cfg.state_dir)
         .membership()
         .filter(|m| m.node_id == cfg.node_id && m.cluster_key == cluster_key);
-    let durable = store.durable();
     let addr = cluster_addr(&cfg, status.as_ref()).await;
-
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(
         std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         cfg.listen_port,
@@ -269,69 +348,18 @@ pub async fn form(
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(cfg.listen_port);
-
-    let local = LocalNode {
-        node_id: cfg.node_id.clone(),
-        hostname: cfg.hostname.clone(),
-        addr,
-        cluster_name: cfg.cluster_name.clone(),
-    };
-    let shared = Arc::new(Shared {
-        identity,
-        cluster_key: cluster_key.clone(),
-        quorum: cfg.quorum(),
-        servers: cfg.servers.max(1) as usize,
-        local,
-        engine: Arc::from(engine),
-        sink: status,
-        store,
-        st: Mutex::new(State {
-            // Resuming: start out as what we were, so peers and the status never see this
-            // node rediscover.
-            phase: if resume.is_some() {
-                Phase::Joining
-            } else {
-                Phase::Discovering
-            },
-            role: resume.as_ref().map_or(Role::None, |m| m.role),
-            leader: resume.as_ref().and_then(|m| m.leader.clone()),
-            durable,
-            members: Default::default(),
-            admissions: Admissions::new(Duration::from_secs(180)),
-            authed: Default::default(),
-            pinned: Default::default(),
-            limiter: RateLimiter::new(5, Duration::from_secs(60), Duration::from_secs(30)),
-            waiting: "starting discovery".into(),
-            warnings: vec![],
-            error: None,
-            last_sent: None,
-        }),
-        peers: Default::default(),
-        discovery: Mutex::new(None),
+    let shared = shared_state(
         cfg,
-    });
+        engine,
+        status,
+        identity,
+        cluster_key,
+        addr,
+        resume.as_ref(),
+    );
     let mut tasks = Vec::new();
     if shared.cfg.mdns {
-        let advert = discovery::Advert {
-            node_id: shared.cfg.node_id.clone(),
-            hostname: shared.cfg.hostname.to_string(),
-            cluster: cluster_key,
-            addrs: vec![addr],
-            port,
-        };
-        let d = discovery::Discovery::start(&shared.cfg.interfaces, advert)
-            .map_err(|e| Error::Discovery(e.to_string()))?;
-        // Share the mDNS peer table with the runtime.
-        let table = d.peers.clone();
-        *shared.discovery.lock().unwrap() = Some(d);
-        let sh2 = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let snapshot = table.lock().unwrap().clone();
-                *sh2.peers.lock().unwrap() = snapshot;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }));
+        tasks.push(start_discovery(&shared, addr, port)?);
     }
     tasks.push(tokio::spawn(runtime::serve(listener, shared.clone())));
     tasks.push(tokio::spawn(runtime::poller(shared.clone())));

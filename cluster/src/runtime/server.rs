@@ -13,9 +13,9 @@ use tokio::task::AbortHandle;
 use super::{Shared, pin};
 use crate::election::role_for_joiner;
 use crate::engine::{Admission, Joiner};
-use crate::id::{NodeId, NodeKey, Phase, Role};
+use crate::id::{InstanceId, NodeId, NodeKey, Phase, Role};
 use crate::limits::{Admit, HandshakeSlots, SlotId};
-use crate::wire::{self, MemberInfo, Request, Response, WireError};
+use crate::wire::{self, MemberInfo, MemberList, Request, Response, WireError};
 
 /// Connections still in their handshake, per source IP...
 const HANDSHAKES_PER_IP: usize = 4;
@@ -300,48 +300,83 @@ fn replaced_members(sh: &Shared, joiner: &Joiner) -> Result<Vec<MemberInfo>, Str
     Ok(same)
 }
 
-async fn admit_runtime(sh: &Arc<Shared>, joiner: Joiner, key: NodeKey) -> Response {
-    let peer = joiner.node_id.clone();
-    let (role, replaces, instance) = {
+/// What admitting a joiner into the running cluster takes, decided under the state lock:
+/// its role, the members it replaces and the cluster instance. `Err`: the answer already.
+fn plan_admission(
+    sh: &Shared,
+    joiner: &Joiner,
+) -> Result<(Role, Vec<MemberInfo>, InstanceId), Response> {
+    let peer = &joiner.node_id;
+    let instance = {
         let mut st = sh.st.lock().unwrap();
         if st.phase != Phase::Ready || st.role != Role::Server {
-            return Response::Busy {
+            return Err(Response::Busy {
                 why: format!("{} is not a ready server", sh.me()),
-            };
+            });
         }
         let Some(instance) = st.durable.cluster.clone() else {
-            return Response::Busy {
+            return Err(Response::Busy {
                 why: format!("{} is in no cluster", sh.me()),
-            };
+            });
         };
-        if let Err(p) = st.admissions.begin(&peer, Instant::now()) {
-            return Response::Busy {
+        if let Err(p) = st.admissions.begin(peer, Instant::now()) {
+            return Err(Response::Busy {
                 why: format!("{} is admitting {p}; one join at a time", sh.me()),
-            };
+            });
         }
-        drop(st);
-        let replaces = match replaced_members(sh, &joiner) {
-            Ok(r) => r,
-            Err(why) => {
-                sh.st.lock().unwrap().admissions.finish(&peer);
-                tracing::warn!(%peer, "refused: {why}");
-                return Response::Error { why };
-            }
-        };
-        let st = sh.st.lock().unwrap();
-        let existing = st.members.get(&peer).map(|m| m.role);
-        // Servers that stay: a replaced member's seat is free for its replacement.
-        let staying = st
-            .members
-            .members
-            .iter()
-            .filter(|m| m.role == Role::Server && !replaces.iter().any(|r| r.node_id == m.node_id))
-            .count();
-        let role = match existing {
-            Some(r) if r != Role::None => r,
-            _ => role_for_joiner(staying, sh.servers),
-        };
-        (role, replaces, instance)
+        instance
+    };
+    let replaces = replaced_members(sh, joiner).map_err(|why| {
+        sh.st.lock().unwrap().admissions.finish(peer);
+        tracing::warn!(%peer, "refused: {why}");
+        Response::Error { why }
+    })?;
+    let st = sh.st.lock().unwrap();
+    let existing = st.members.get(peer).map(|m| m.role);
+    // Servers that stay: a replaced member's seat is free for its replacement.
+    let staying = st
+        .members
+        .members
+        .iter()
+        .filter(|m| m.role == Role::Server && !replaces.iter().any(|r| r.node_id == m.node_id))
+        .count();
+    let role = match existing {
+        Some(r) if r != Role::None => r,
+        _ => role_for_joiner(staying, sh.servers),
+    };
+    Ok((role, replaces, instance))
+}
+
+/// The joiner is in: the member list without the members it replaced, with it.
+fn record_admission(
+    sh: &Shared,
+    joiner: &Joiner,
+    key: NodeKey,
+    role: Role,
+    replaces: &[MemberInfo],
+) -> (NodeId, MemberList) {
+    let mut st = sh.st.lock().unwrap();
+    let gone: Vec<NodeId> = replaces.iter().map(|m| m.node_id.clone()).collect();
+    st.members.remove(&gone);
+    st.members.upsert(MemberInfo {
+        node_id: joiner.node_id.clone(),
+        hostname: joiner.hostname.clone(),
+        role,
+        addr: joiner.addr,
+        key,
+    });
+    for g in &gone {
+        st.pinned.remove(g);
+    }
+    let leader = st.leader.clone().unwrap_or_else(|| sh.me().clone());
+    (leader, st.members.clone())
+}
+
+async fn admit_runtime(sh: &Arc<Shared>, joiner: Joiner, key: NodeKey) -> Response {
+    let peer = joiner.node_id.clone();
+    let (role, replaces, instance) = match plan_admission(sh, &joiner) {
+        Ok(p) => p,
+        Err(answer) => return answer,
     };
     if !replaces.is_empty() {
         tracing::info!(%peer, hostname = %joiner.hostname, "replacing member(s) {:?}", replaces.iter().map(|m| m.node_id.to_string()).collect::<Vec<_>>());
@@ -367,23 +402,7 @@ async fn admit_runtime(sh: &Arc<Shared>, joiner: Joiner, key: NodeKey) -> Respon
     };
     match res {
         Ok(info) => {
-            let (leader, members) = {
-                let mut st = sh.st.lock().unwrap();
-                let gone: Vec<NodeId> = replaces.iter().map(|m| m.node_id.clone()).collect();
-                st.members.remove(&gone);
-                st.members.upsert(MemberInfo {
-                    node_id: peer.clone(),
-                    hostname: joiner.hostname.clone(),
-                    role,
-                    addr: joiner.addr,
-                    key,
-                });
-                for g in &gone {
-                    st.pinned.remove(g);
-                }
-                let leader = st.leader.clone().unwrap_or_else(|| sh.me().clone());
-                (leader, st.members.clone())
-            };
+            let (leader, members) = record_admission(sh, &joiner, key, role, &replaces);
             sh.persist();
             sh.report();
             Response::Admitted {
