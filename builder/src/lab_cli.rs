@@ -117,6 +117,15 @@ pub enum LabCmd {
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
+    /// Serve an update folder (`update/` of `clutch build --format update`) into the lab
+    /// network at http://10.77.0.1:8080/ (the `[update] source` of a lab image) and tell every
+    /// node to check now; the nodes update one at a time as the cluster allows. Follow it
+    /// with `clutch lab status` (release, slot, update state per node).
+    Update {
+        folder: PathBuf,
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// Stop the VMs and remove the namespace and the access keys (safe to run twice; console
     /// logs stay).
     Down {
@@ -364,6 +373,30 @@ pub fn run(c: LabCmd) -> Result<ExitCode> {
                 None => println!("{node} was not running"),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Update { folder, dir } => {
+            let s = existing_lab(&dir)?;
+            let folder = absolute(&folder)?;
+            let clutch = std::env::current_exe().context("locating the clutch binary")?;
+            let r = ops::update(&RealHost, &s, &clutch, &folder)?;
+            println!("serving {} at {}", folder.display(), r.url);
+            let mut ok = true;
+            for (node, code) in &r.told {
+                println!(
+                    "{node}: told to check now ({})",
+                    if *code == 0 {
+                        "ok".to_string()
+                    } else {
+                        format!("exit {code}")
+                    }
+                );
+                ok &= *code == 0;
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         LabCmd::Down { dir } => {
             let dir = absolute(&dir)?;

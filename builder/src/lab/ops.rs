@@ -210,6 +210,9 @@ pub fn down(host: &dyn Host, dir: &Path) -> Result<DownReport> {
             rep.stopped.push(format!("dnsmasq (pid {pid})"));
         }
         let _ = std::fs::remove_file(&s.dnsmasq_pidfile);
+        if let Some(pid) = stop_update_server(host, s) {
+            rep.stopped.push(format!("update server (pid {pid})"));
+        }
         let _ = std::fs::remove_dir_all(&s.access.dir);
     }
     if host.netns_exists(&ns) {
@@ -222,6 +225,83 @@ pub fn down(host: &dyn Host, dir: &Path) -> Result<DownReport> {
     }
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
     Ok(rep)
+}
+
+/// Where `lab update` serves an update folder: the lab bridge's own address, the
+/// `[update] source` a lab image's config names (`http://10.77.0.1:8080/`).
+pub fn update_listen() -> String {
+    format!("{}.1:8080", plan::SUBNET)
+}
+
+fn update_pidfile(s: &LabState) -> std::path::PathBuf {
+    s.dir.join("update-serve.pid")
+}
+
+/// Stops the lab's update server, if one runs (its command line carries the listen
+/// address: a reused pid is never stopped).
+pub fn stop_update_server(host: &dyn Host, s: &LabState) -> Option<u32> {
+    let pid = host.live_pid(&update_pidfile(s), &update_listen())?;
+    host.stop(pid);
+    let _ = std::fs::remove_file(update_pidfile(s));
+    Some(pid)
+}
+
+/// `clutch serve FOLDER` inside the lab namespace on [`update_listen`] (replacing an earlier
+/// one), its log in the lab folder; the command line that starts it in the background.
+pub fn serve_update_cmd(s: &LabState, clutch: &Path, folder: &Path) -> Vec<String> {
+    let q = |p: &Path| access::shell_quote(&p.display().to_string());
+    plan::argv(&[
+        "ip",
+        "netns",
+        "exec",
+        &s.namespace,
+        "sh",
+        "-c",
+        &format!(
+            "{} serve {} --listen {} >{} 2>&1 & echo $! >{}",
+            q(clutch),
+            q(folder),
+            update_listen(),
+            q(&s.dir.join("update-serve.log")),
+            q(&update_pidfile(s)),
+        ),
+    ])
+}
+
+/// What `lab update` did on each node: the exit code of telling it to check now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateReport {
+    pub url: String,
+    pub told: Vec<(String, i32)>,
+}
+
+/// Serves `folder` (an `update/` output) into the lab network and tells every running node
+/// to look for a newer release now (its `clutch-update.service`; the node decides, with
+/// the cluster, when it may go down).
+pub fn update(host: &dyn Host, s: &LabState, clutch: &Path, folder: &Path) -> Result<UpdateReport> {
+    if !folder.join("SHA256SUMS").is_file() {
+        bail!(
+            "{} has no SHA256SUMS: not an update folder from `clutch build --format update`",
+            folder.display()
+        );
+    }
+    stop_update_server(host, s);
+    host.run(&serve_update_cmd(s, clutch, folder))
+        .context("starting the update server in the lab namespace")?;
+    let url = format!("http://{}/", update_listen());
+    let mut told = Vec::new();
+    for n in &s.nodes {
+        if !running(host, n) {
+            continue;
+        }
+        let cmd = plan::argv(&["systemctl", "start", "--no-block", "clutch-update.service"]);
+        let out = host.output(
+            &access::ssh_cmd(s, n, &cmd, SshOpts::default()),
+            Duration::from_secs(60),
+        )?;
+        told.push((n.name.clone(), out.code.unwrap_or(255)));
+    }
+    Ok(UpdateReport { url, told })
 }
 
 /// Whether node `n`'s QEMU is alive.
@@ -306,6 +386,39 @@ pub fn exec(host: &dyn Host, s: &LabState, which: NodeIndex, cmd: &[String]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn update_serves_the_folder_on_the_bridge_and_tells_every_node() {
+        let t = tempfile::tempdir().unwrap();
+        let s = lab(t.path());
+        let folder = t.path().join("update");
+        std::fs::create_dir_all(&folder).unwrap();
+        let h = FakeHost::new(None);
+        assert!(
+            update(&h, &s, Path::new("/usr/bin/clutch"), &folder).is_err(),
+            "no SHA256SUMS"
+        );
+        std::fs::write(folder.join("SHA256SUMS"), "").unwrap();
+        let cmd = serve_update_cmd(&s, Path::new("/usr/bin/clutch"), &folder);
+        assert_eq!(
+            &cmd[..5],
+            ["ip", "netns", "exec", s.namespace.as_str(), "sh"]
+        );
+        assert!(
+            cmd[6].contains("serve") && cmd[6].contains("--listen 10.77.0.1:8080"),
+            "{}",
+            cmd[6]
+        );
+        let r = update(&h, &s, Path::new("/usr/bin/clutch"), &folder).unwrap();
+        assert_eq!(r.url, "http://10.77.0.1:8080/");
+        // The fake host has no live VMs: nobody is told, but the server was started.
+        assert!(r.told.is_empty());
+        assert!(
+            h.lines()
+                .iter()
+                .any(|l| l.contains("--listen 10.77.0.1:8080"))
+        );
+    }
     use crate::lab::host::Captured;
     use crate::lab::host::fake::{Call, FakeHost};
     use crate::lab::plan::plan;
