@@ -385,6 +385,32 @@ mod rollout {
     }
 }
 
+/// An authenticated session to `target` as node `id` with a fresh node key and the token
+/// and cluster key the arguments name; also the local address of the connection.
+async fn session(
+    a: &HashMap<String, String>,
+    id: &str,
+    target: SocketAddr,
+) -> Result<
+    (
+        clutch_cluster::session::Channel<TcpStream>,
+        std::net::IpAddr,
+    ),
+    wire::WireError,
+> {
+    let me: NodeId = id.parse().unwrap();
+    let (ident, tok, key) = (Identity::generate(), token(a), key_of(a));
+    let s = TcpStream::connect(target).await?;
+    let local = s.local_addr()?.ip();
+    let creds = Credentials {
+        token: tok.as_bytes(),
+        cluster: &key,
+        me: &me,
+        identity: &ident,
+    };
+    Ok((wire::client_handshake(s, creds, target).await?, local))
+}
+
 fn key_of(a: &HashMap<String, String>) -> ClusterKey {
     a["cluster-key"].clone().try_into().unwrap()
 }
@@ -392,17 +418,8 @@ fn key_of(a: &HashMap<String, String>) -> ClusterKey {
 /// Try to authenticate with the given token; report what came back.
 async fn probe(a: HashMap<String, String>) {
     let target: SocketAddr = a["target"].parse().unwrap();
-    let me: NodeId = "ffff-probe".parse().unwrap();
-    let (ident, tok, key) = (Identity::generate(), token(&a), key_of(&a));
     let res = async {
-        let s = TcpStream::connect(target).await?;
-        let creds = Credentials {
-            token: tok.as_bytes(),
-            cluster: &key,
-            me: &me,
-            identity: &ident,
-        };
-        let mut c = wire::client_handshake(s, creds, target).await?;
+        let (mut c, _) = session(&a, "ffff-probe", target).await?;
         c.request(&Request::Status).await
     }
     .await;
@@ -475,22 +492,12 @@ async fn replay(a: HashMap<String, String>) {
 /// A token holder asks to be admitted under somebody else's host name.
 async fn claim(a: HashMap<String, String>) {
     let target: SocketAddr = a["target"].parse().unwrap();
-    let me: NodeId = a
+    let id = a
         .get("id")
         .map_or("ffff-claimant", String::as_str)
-        .parse()
-        .unwrap();
-    let (ident, tok, key) = (Identity::generate(), token(&a), key_of(&a));
+        .to_string();
     let res = async {
-        let s = TcpStream::connect(target).await?;
-        let local = s.local_addr()?.ip();
-        let creds = Credentials {
-            token: tok.as_bytes(),
-            cluster: &key,
-            me: &me,
-            identity: &ident,
-        };
-        let mut c = wire::client_handshake(s, creds, target).await?;
+        let (mut c, local) = session(&a, &id, target).await?;
         // `--addr`: claim another address than the connection's own.
         let addr = a.get("addr").map_or(local, |x| x.parse().unwrap());
         c.request(&Request::Join {

@@ -202,6 +202,29 @@ impl K3sCoordinator {
         }
     }
 
+    /// The leases a ticket of `role` may hold.
+    fn leases(&self, role: Role) -> Vec<String> {
+        if role == Role::Server {
+            vec![VOTERS.to_string()]
+        } else {
+            (0..self.agent_budget.max(1))
+                .map(|n| format!("clutch-update-agent-{n}"))
+                .collect()
+        }
+    }
+
+    /// Writes every lease `t` holds as held by `holder` (renewed) or by nobody (given back).
+    fn rewrite_held(&self, t: &Ticket, holder: Option<&str>) -> Result<(), RolloutError> {
+        for name in self.leases(t.role) {
+            if let Some((Some(h), v)) = self.read(&name)? {
+                if h == t.lease {
+                    self.write(&name, holder, Some(&v))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn control_plane_ready(&self, me: &Me) -> Result<(usize, usize), RolloutError> {
         let out = self.ok(&[
             "get",
@@ -264,13 +287,7 @@ impl Coordinator for K3sCoordinator {
         })
     }
     fn turn(&self, me: &Me, t: &Ticket) -> Result<Turn, RolloutError> {
-        let names: Vec<String> = if t.role == Role::Server {
-            vec![VOTERS.to_string()]
-        } else {
-            (0..self.agent_budget.max(1))
-                .map(|n| format!("clutch-update-agent-{n}"))
-                .collect()
-        };
+        let names = self.leases(t.role);
         for name in &names {
             if self.take(name, &t.lease)?.is_some() {
                 if t.role != Role::Server {
@@ -291,38 +308,10 @@ impl Coordinator for K3sCoordinator {
     fn keep(&self, t: &Ticket) -> Result<(), RolloutError> {
         // Renew whichever lease this node holds; a node that only waits holds none (a
         // Lease has no queue), so there is nothing to keep.
-        let names: Vec<String> = if t.role == Role::Server {
-            vec![VOTERS.to_string()]
-        } else {
-            (0..self.agent_budget.max(1))
-                .map(|n| format!("clutch-update-agent-{n}"))
-                .collect()
-        };
-        for name in names {
-            if let Some((Some(h), v)) = self.read(&name)? {
-                if h == t.lease {
-                    self.write(&name, Some(&t.lease), Some(&v))?;
-                }
-            }
-        }
-        Ok(())
+        self.rewrite_held(t, Some(&t.lease))
     }
     fn release(&self, t: &Ticket) -> Result<(), RolloutError> {
-        let names: Vec<String> = if t.role == Role::Server {
-            vec![VOTERS.to_string()]
-        } else {
-            (0..self.agent_budget.max(1))
-                .map(|n| format!("clutch-update-agent-{n}"))
-                .collect()
-        };
-        for name in names {
-            if let Some((Some(h), v)) = self.read(&name)? {
-                if h == t.lease {
-                    self.write(&name, None, Some(&v))?;
-                }
-            }
-        }
-        Ok(())
+        self.rewrite_held(t, None)
     }
     fn mark_bad(&self, me: &Me, release: &Release, why: &str) -> Result<(), RolloutError> {
         let entry = serde_json::to_string(&BadRelease {

@@ -24,6 +24,15 @@ fn me() -> LocalNode {
     }
 }
 
+fn node_b() -> LocalNode {
+    LocalNode {
+        node_id: "bb".parse().unwrap(),
+        hostname: host("node-b"),
+        addr: "10.0.0.2".parse().unwrap(),
+        cluster_name: "lab".into(),
+    }
+}
+
 fn joiner(h: &str, ip: &str) -> Joiner {
     Joiner {
         node_id: format!("{h}{h}").parse().unwrap(),
@@ -261,12 +270,7 @@ fn joiner_side() -> (
 ) {
     let t = tempfile::tempdir().unwrap();
     let (e, _, s) = engine(t.path(), |_| CmdOutput::success(""));
-    let node_b = LocalNode {
-        node_id: "bb".parse().unwrap(),
-        hostname: host("node-b"),
-        addr: "10.0.0.2".parse().unwrap(),
-        cluster_name: "lab".into(),
-    };
+    let node_b = node_b();
     let mut j = joiner("node-b", "10.0.0.2");
     j.csr = e.request(&node_b).unwrap();
     (t, e, s, j)
@@ -294,12 +298,7 @@ fn members_of_the_plan_start_together_with_the_same_initial_cluster() {
         "the two servers of the plan"
     );
     assert!(ej.tls.ca_key.is_some(), "servers get the CA key");
-    let node_b = LocalNode {
-        node_id: "bb".parse().unwrap(),
-        hostname: host("node-b"),
-        addr: "10.0.0.2".parse().unwrap(),
-        cluster_name: "lab".into(),
-    };
+    let node_b = node_b();
     je.join(&node_b, Role::Server, &info).unwrap();
     assert_eq!(*js.0.lock().unwrap(), vec!["stop etcd", "restart etcd"]);
     let env = std::fs::read_to_string(je.env_path()).unwrap();
