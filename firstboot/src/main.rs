@@ -136,6 +136,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Plan => {
             let loaded =
                 clutch_firstboot::load::load(&paths, &clutch_firstboot::load::read_sources(&paths));
+            // (The salt of a plain-text password's hash is left zero: `plan` writes nothing.)
             let loaded = loaded.context("the node config is not usable")?;
             let mut f = facts::gather_for(&paths, Some(&loaded.config));
             f.hold = clutch_firstboot::hold::requested(&RealSys);
