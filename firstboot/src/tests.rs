@@ -113,6 +113,10 @@ impl Node {
         let board = StatusBoard::new(
             self.paths.status_file(),
             Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
+        )
+        .with_report(
+            self.paths.host(self.paths.boot_file("clutch-status.txt")),
+            Box::new(|| vec!["eth0 192.0.2.7".to_string()]),
         );
         // Formation (`form = true`) needs a network and peers: the cluster crate tests it.
         let rep = run(&self.paths, sys, &board, false, fetch_error);
@@ -476,6 +480,14 @@ fn assert_failed_but_safe(n: &Node, rep: &Report, calls: &[String], lines: &[Str
     );
     // the baked-in authorized_keys are not touched
     assert!(!n.exists("/home/admin/.ssh/authorized_keys"));
+    // The reason, in a few words, on the console and on the card.
+    let last = lines.last().unwrap();
+    let short = crate::status::short_reason(&e);
+    assert!(last.ends_with(&format!(" error=\"{short}\"")), "{last}");
+    assert!(!short.starts_with('/') && short.len() <= 102, "{short}");
+    let report = n.read(&format!("{}/clutch-status.txt", n.paths.boot_dir.display()));
+    assert!(report.contains("phase:     failed\r\n"), "{report}");
+    assert!(report.contains(&format!("error:     {e}\r\n")), "{report}");
 }
 
 #[test]
@@ -812,6 +824,7 @@ fn generated_files_match_golden() {
     );
     assert_eq!(n.mode("/etc/sudoers.d/clutch-admin"), 0o440);
     golden("status.json", &n.read("/run/clutch/status.json"));
+    golden("clutch-status.txt", &n.read("/boot/efi/clutch-status.txt"));
 }
 
 #[test]
@@ -1605,4 +1618,63 @@ fn an_unknown_time_zone_keeps_utc_and_never_dangles() {
     assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
     assert!(!n.exists("/etc/localtime"));
     assert_eq!(n.read("/etc/timezone"), "UTC\n");
+}
+
+/// A power cut after the secrets' bytes were overwritten on the card but before the
+/// stripped clutch.toml replaced it: the tombstones read as "moved", the stored copies are
+/// used, and the rewrite finishes.
+#[test]
+fn a_cut_between_overwrite_and_rewrite_loses_nothing() {
+    let hash = "$y$j9T$abcdefgh$0123456789abcdefghijklmnopqrstuvwxyzABCDEF";
+    let cfg = cluster_config().replace(
+        "name = \"admin\"\n",
+        &format!("name = \"admin\"\npassword_hash = \"{hash}\"\n"),
+    );
+    let n = Node::new(Some(&cfg));
+    let paths = &n.paths;
+    let loaded = crate::load::load(paths, &crate::load::read_sources(paths)).unwrap();
+    // Carry out the secrets step only up to the overwrite.
+    for a in &loaded.secret_actions {
+        if matches!(a, crate::plan::Action::WriteFile { path, .. } if path.starts_with("/boot")) {
+            break;
+        }
+        let step = crate::plan::Step {
+            name: "secrets".into(),
+            marker: false,
+            actions: vec![a.clone()],
+        };
+        let plan = crate::plan::Plan {
+            steps: vec![step],
+            ..crate::plan::plan_safe(
+                paths,
+                &crate::facts::Facts::default(),
+                &crate::plan::Fresh {
+                    node_id: "0".repeat(32),
+                    machine_id: "0".repeat(32),
+                },
+                None,
+            )
+        };
+        let out = crate::apply::apply(&plan, paths, &FakeSys::new());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+    }
+    let cut = n.read("/boot/efi/clutch.toml");
+    assert_eq!(cut.len(), cfg.len(), "overwritten in place");
+    assert!(!cut.contains(TOKEN) && !cut.contains(hash) && !cut.contains("correct horse"));
+    assert!(
+        cut.contains(&format!("token = \"{}\"", "*".repeat(TOKEN.len()))),
+        "{cut}"
+    );
+    assert_eq!(n.read("/var/lib/clutch/password-hash"), format!("{hash}\n"));
+    // Next boot.
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Discovering, "{:?}", rep.error);
+    assert_eq!(rep.plan.cluster.unwrap().1.expose(), TOKEN);
+    assert!(n.read("/etc/shadow").contains(&format!("admin:{hash}:")));
+    let fat = n.read("/boot/efi/clutch.toml");
+    assert!(
+        !fat.contains('*') && !fat.contains("token") && !fat.contains("password_hash"),
+        "{fat}"
+    );
+    assert_eq!(n.mode("/var/lib/clutch/password-hash"), 0o600);
 }
