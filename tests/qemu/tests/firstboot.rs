@@ -444,8 +444,8 @@ fn boot_partition_inputs_were_applied(port: u16) {
         port,
         "echo keeper_hash=$(sudo awk -F: '$1==\"keeper\"{print $2}' /etc/shadow)\n\
          echo keeper_sudo=$(sudo -l -U keeper 2>/dev/null | grep -c NOPASSWD)\n\
-         echo left=$(ls /boot/efi | grep -cE '^(custom.toml|user-data|meta-data|network-config)$' || true)\n\
-         echo report=$(grep -c '^phase: ' /boot/efi/clutch-status.txt)\n\
+         echo left=$(sudo ls /boot/efi | grep -cE '^(custom.toml|user-data|meta-data|network-config)$' || true)\n\
+         echo report=$(sudo grep -c '^phase: ' /boot/efi/clutch-status.txt)\n\
          echo regdom=$(cat /etc/modprobe.d/clutch-wifi-country.conf | grep -c 'regdom=GB')\n\
          echo wpa_ssid=$(sudo grep -c 'ssid=\"cloud-net\"' /etc/wpa_supplicant/wpa_supplicant-wlan0.conf)\n\
          echo record_mode=$(sudo stat -c %a /var/lib/clutch/imported.toml)\n\
