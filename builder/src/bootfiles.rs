@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::stage::resolve_in_root;
 
@@ -47,6 +47,27 @@ pub fn resolve_pattern(root: &Path, pattern: &str) -> Result<Option<PathBuf>> {
     }
     found.sort_by(|a, b| version_cmp(&a.0, &b.0));
     Ok(found.pop().map(|(_, p)| p))
+}
+
+/// Replaces the staged file `src` (a host path under `root`, already copied to the boot
+/// partition as `to`) by a link to that copy through the partition's mount point `mount`
+/// (`/boot/firmware`): relative when the copy is below the file's folder
+/// (`/boot/vmlinuz-6.12 -> firmware/vmlinuz`), absolute otherwise.
+pub fn link_to_boot_copy(root: &Path, src: &Path, mount: &str, to: &str) -> Result<()> {
+    let node = Path::new("/").join(
+        src.strip_prefix(root)
+            .with_context(|| format!("{} is not inside {}", src.display(), root.display()))?,
+    );
+    let target = Path::new(mount).join(to);
+    let dir = node.parent().unwrap_or(Path::new("/"));
+    let link = match target.strip_prefix(dir) {
+        Ok(rel) => rel.to_path_buf(),
+        Err(_) => target.clone(),
+    };
+    std::fs::remove_file(src).with_context(|| format!("removing {}", src.display()))?;
+    std::os::unix::fs::symlink(&link, src)
+        .with_context(|| format!("linking {} -> {}", src.display(), link.display()))?;
+    Ok(())
 }
 
 /// `*` matches any run of characters (none included); everything else matches itself.
@@ -108,6 +129,28 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_in_boot_becomes_a_link_to_the_boot_partition_copy() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("boot/firmware")).unwrap();
+        std::fs::write(r.join("boot/vmlinuz-6.12.1-arm64"), b"kernel").unwrap();
+        std::os::unix::fs::symlink("boot/vmlinuz-6.12.1-arm64", r.join("vmlinuz")).unwrap();
+        let src = resolve_pattern(r, "/vmlinuz").unwrap().unwrap();
+        link_to_boot_copy(r, &src, "/boot/firmware", "vmlinuz").unwrap();
+        assert_eq!(
+            std::fs::read_link(r.join("boot/vmlinuz-6.12.1-arm64")).unwrap(),
+            Path::new("firmware/vmlinuz")
+        );
+        std::fs::create_dir_all(r.join("usr/lib")).unwrap();
+        std::fs::write(r.join("usr/lib/x.bin"), b"x").unwrap();
+        link_to_boot_copy(r, &r.join("usr/lib/x.bin"), "/boot/firmware", "x.bin").unwrap();
+        assert_eq!(
+            std::fs::read_link(r.join("usr/lib/x.bin")).unwrap(),
+            Path::new("/boot/firmware/x.bin")
+        );
+    }
 
     #[test]
     fn wildcards() {

@@ -20,6 +20,8 @@ pub struct BuildOpts {
     pub formats: Option<Vec<Format>>,
     pub data_dir: Option<PathBuf>,
     pub firstboot_bin: Option<PathBuf>,
+    /// Where `<name>.rpi-imager.json`'s image URLs point (default: next to the JSON file).
+    pub url_base: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -497,15 +499,10 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     pending.add(out.join("manifest.json"), |tmp| {
         Ok(std::fs::write(tmp, &manifest_json)?)
     })?;
-    if let Some(im) = &board.imager {
-        if let Some(entry) = imager_entry(&out, &name, &board, im, &images)? {
-            let json = serde_json::to_string_pretty(&manifest::ImagerList {
-                os_list: vec![entry],
-            })? + "\n";
-            pending.add(out.join(format!("{name}.rpi-imager.json")), |tmp| {
-                Ok(std::fs::write(tmp, &json)?)
-            })?;
-        }
+    if let Some(json) = manifest::imager_json(&name, &board, &images, opts.url_base.as_deref())? {
+        pending.add(out.join(format!("{name}.rpi-imager.json")), |tmp| {
+            Ok(std::fs::write(tmp, &json)?)
+        })?;
     }
     let written = pending.commit(&out.join("SHA256SUMS"), &bar)?;
     p.done(&format!(
@@ -533,38 +530,6 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     })
 }
 
-/// The Raspberry Pi Imager entry: download the `.img.zst` when built, else the raw image.
-fn imager_entry(
-    out: &Path,
-    name: &str,
-    board: &Board,
-    im: &clutch_config::board::Imager,
-    images: &[output::Written],
-) -> Result<Option<manifest::ImagerEntry>> {
-    let find = |n: String| images.iter().find(|w| w.name == n);
-    let Some(raw) = find(format!("{name}.img")) else {
-        tracing::warn!("no raw image built: skipping the Raspberry Pi Imager entry");
-        return Ok(None);
-    };
-    let download = find(format!("{name}.img.zst")).unwrap_or(raw);
-    let dir = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
-    Ok(Some(manifest::ImagerEntry {
-        name: format!("clutch {name}"),
-        description: if board.description.is_empty() {
-            format!("clutch image {name} for {}", board.name)
-        } else {
-            format!("clutch image {name}: {}", board.description)
-        },
-        url: format!("file://{}/{}", dir.display(), download.name),
-        extract_size: raw.size,
-        extract_sha256: raw.sha256.clone(),
-        image_download_size: download.size,
-        image_download_sha256: download.sha256.clone(),
-        release_date: manifest::ymd(disk::source_date_epoch()),
-        devices: im.devices.clone(),
-    }))
-}
-
 fn collect_boot_files(
     staging: &Path,
     board: &Board,
@@ -581,6 +546,9 @@ fn collect_boot_files(
                 path: f.to.clone(),
                 data: std::fs::read(&src)?,
             });
+            if f.link_from_root {
+                crate::bootfiles::link_to_boot_copy(staging, &src, &board.boot.mount, &f.to)?;
+            }
         } else if !f.optional {
             bail!(
                 "the board needs {} from the root filesystem, but the image has no such file",

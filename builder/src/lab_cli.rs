@@ -177,6 +177,7 @@ fn ensure_image(
         formats: Some(formats),
         data_dir,
         firstboot_bin: None,
+        url_base: None,
     })?;
     if !image.is_file() {
         bail!(

@@ -42,6 +42,11 @@ enum Cmd {
         /// Print a JSON result (artifacts, sizes, sha256) on stdout instead of the path.
         #[arg(long)]
         json: bool,
+        /// Where the Raspberry Pi Imager list's image URLs point: the folder the outputs are
+        /// published at (https://..., or file:///... for a local folder). Default: URLs
+        /// relative to the JSON file.
+        #[arg(long)]
+        url_base: Option<String>,
     },
     /// Write IMAGE onto DEVICE (a disk, or a file): through IMAGE.bmap when it exists (only
     /// mapped blocks, each checked), else a full copy; then read back and verify.
@@ -126,6 +131,7 @@ fn run(command: Cmd) -> Result<bool> {
             data_dir,
             firstboot_bin,
             json,
+            url_base,
         } => {
             let r = build::build(&build::BuildOpts {
                 config,
@@ -134,6 +140,7 @@ fn run(command: Cmd) -> Result<bool> {
                 formats: format,
                 data_dir,
                 firstboot_bin,
+                url_base,
             })?;
             if json {
                 let v = serde_json::json!({

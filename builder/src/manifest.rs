@@ -154,25 +154,96 @@ pub fn ymd(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// A Raspberry Pi Imager OS-list entry (the `os_list` item format of its repository JSON;
-/// use with `rpi-imager --repo FILE`).
+/// A Raspberry Pi Imager OS-list entry (an `os_list` item of its repository JSON, as its
+/// schema `doc/json-schema/os-list-schema.json` requires it; use with `rpi-imager --repo`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ImagerEntry {
     pub name: String,
     pub description: String,
+    pub icon: String,
     pub url: String,
     pub extract_size: u64,
     pub extract_sha256: String,
     pub image_download_size: u64,
     pub image_download_sha256: String,
     pub release_date: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// `cloudinit-rpi`: Imager writes its customisation (host name, user, wifi, ssh key,
+    /// time zone) as cloud-init files, which clutch-firstboot reads. Without it Imager 1.x
+    /// assumes `systemd` and appends `systemd.run=/boot/firstrun.sh` to cmdline.txt.
+    pub init_format: String,
     pub devices: Vec<String>,
+    /// Imager offers the passwordless-sudo choice (cloud-init `sudo:`), which clutch reads.
+    pub capabilities: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bmap_url: Option<String>,
+}
+
+/// The top-level `imager` block: the devices of Imager 2.x's device step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImagerMeta {
+    pub devices: Vec<clutch_config::board::ImagerDevice>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImagerList {
+    pub imager: ImagerMeta,
     pub os_list: Vec<ImagerEntry>,
+}
+
+/// The URL of `file` for Imager: relative to the JSON file (they are published together),
+/// or under `url_base` (`https://example.org/images/`, or `file:///srv/images/` for a local
+/// folder: Imager itself needs an absolute URL).
+pub fn imager_url(url_base: Option<&str>, file: &str) -> String {
+    match url_base {
+        Some(b) if !b.is_empty() => format!("{}/{file}", b.trim_end_matches('/')),
+        _ => file.to_string(),
+    }
+}
+
+/// `<name>.rpi-imager.json` for a board with `[imager]`: the image to download is the
+/// `.img.zst` when built, else the raw image; `None` when the board has no `[imager]` or
+/// no raw image was built.
+pub fn imager_json(
+    name: &str,
+    board: &clutch_config::Board,
+    images: &[crate::output::Written],
+    url_base: Option<&str>,
+) -> Result<Option<String>> {
+    let Some(im) = &board.imager else {
+        return Ok(None);
+    };
+    let find = |n: String| images.iter().find(|w| w.name == n);
+    let Some(raw) = find(format!("{name}.img")) else {
+        tracing::warn!("no raw image built: skipping the Raspberry Pi Imager entry");
+        return Ok(None);
+    };
+    let download = find(format!("{name}.img.zst")).unwrap_or(raw);
+    let entry = ImagerEntry {
+        name: format!("clutch {name}"),
+        description: if board.description.is_empty() {
+            format!("clutch image {name} for {}", board.name)
+        } else {
+            format!("clutch image {name}: {}", board.description)
+        },
+        icon: im.icon.clone(),
+        url: imager_url(url_base, &download.name),
+        extract_size: raw.size,
+        extract_sha256: raw.sha256.clone(),
+        image_download_size: download.size,
+        image_download_sha256: download.sha256.clone(),
+        release_date: ymd(crate::disk::source_date_epoch()),
+        init_format: "cloudinit-rpi".into(),
+        devices: im.devices.clone(),
+        capabilities: vec!["passwordless_sudo".into()],
+        bmap_url: find(format!("{name}.img.bmap")).map(|b| imager_url(url_base, &b.name)),
+    };
+    let list = ImagerList {
+        imager: ImagerMeta {
+            devices: im.hardware.clone(),
+        },
+        os_list: vec![entry],
+    };
+    Ok(Some(serde_json::to_string_pretty(&list)? + "\n"))
 }
 
 #[cfg(test)]
@@ -221,33 +292,87 @@ mod tests {
         assert_eq!(ymd(951_782_400), "2000-02-29");
     }
 
-    #[test]
-    fn imager_entry_has_the_fields_rpi_imager_reads() {
-        let e = ImagerEntry {
-            name: "clutch rpi4".into(),
-            description: "d".into(),
-            url: "file:///x/rpi4.img.zst".into(),
-            extract_size: 10,
-            extract_sha256: "a".repeat(64),
-            image_download_size: 5,
-            image_download_sha256: "b".repeat(64),
-            release_date: ymd(0),
-            devices: vec![],
-        };
-        let v = serde_json::to_value(ImagerList { os_list: vec![e] }).unwrap();
-        let o = &v["os_list"][0];
-        for k in [
-            "name",
-            "description",
-            "url",
-            "extract_size",
-            "extract_sha256",
-            "image_download_size",
-            "image_download_sha256",
-            "release_date",
-        ] {
-            assert!(!o[k].is_null(), "{k}");
+    fn written(name: &str, size: u64) -> crate::output::Written {
+        crate::output::Written {
+            name: name.into(),
+            path: std::path::PathBuf::from(name),
+            size,
+            allocated: size,
+            sha256: "a".repeat(64),
         }
-        assert!(o.get("devices").is_none());
+    }
+
+    fn rpi4_json(url_base: Option<&str>) -> serde_json::Value {
+        let board = crate::testutil::board("rpi4");
+        let images = [
+            written("rpi4.img", 1000),
+            written("rpi4.img.zst", 300),
+            written("rpi4.img.bmap", 3),
+        ];
+        let j = imager_json("rpi4", &board, &images, url_base)
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&j).unwrap()
+    }
+
+    #[test]
+    fn imager_json_is_relocatable_and_complete() {
+        let v = rpi4_json(None);
+        let o = &v["os_list"][0];
+        assert_eq!(o["url"], "rpi4.img.zst");
+        assert_eq!(o["bmap_url"], "rpi4.img.bmap");
+        assert_eq!(o["init_format"], "cloudinit-rpi");
+        assert_eq!(o["devices"], serde_json::json!(["pi4-64bit"]));
+        assert!(o["icon"].as_str().unwrap().starts_with("icons/"));
+        assert_eq!(
+            v["imager"]["devices"][0]["tags"],
+            serde_json::json!(["pi4-64bit"])
+        );
+        let v = rpi4_json(Some("https://example.org/clutch/"));
+        assert_eq!(
+            v["os_list"][0]["url"],
+            "https://example.org/clutch/rpi4.img.zst"
+        );
+    }
+
+    /// Raspberry Pi Imager's own schema (tests/fixtures/rpi-imager/, see its README) with
+    /// python3-jsonschema, as CI has it: the JSON passes, the old shape (no icon, no devices)
+    /// fails.
+    #[test]
+    fn imager_json_passes_imagers_own_schema() {
+        let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/rpi-imager/os-list-schema.json");
+        let check = |v: &serde_json::Value| -> Result<(), String> {
+            let t = tempfile::tempdir().unwrap();
+            let doc = t.path().join("list.json");
+            std::fs::write(&doc, v.to_string()).unwrap();
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import json,sys,jsonschema\n\
+                     s=json.load(open(sys.argv[1]));d=json.load(open(sys.argv[2]))\n\
+                     jsonschema.Draft7Validator.check_schema(s)\n\
+                     jsonschema.validate(d,s,cls=jsonschema.Draft7Validator)",
+                ])
+                .arg(&schema)
+                .arg(&doc)
+                .output()
+                .expect("python3 (scripts/install-host-deps installs it with python3-jsonschema)");
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        };
+        let v = rpi4_json(Some("https://example.org/clutch"));
+        check(&v).unwrap_or_else(|e| panic!("{e}"));
+        check(&rpi4_json(None)).unwrap_or_else(|e| panic!("{e}"));
+        let mut old = v.clone();
+        old["os_list"][0].as_object_mut().unwrap().remove("icon");
+        let e = check(&old).unwrap_err();
+        assert!(e.contains("ValidationError"), "{e}");
+        let mut old = v;
+        old["os_list"][0].as_object_mut().unwrap().remove("devices");
+        assert!(check(&old).is_err());
     }
 }

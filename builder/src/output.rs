@@ -220,14 +220,17 @@ fn drain(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<
 }
 
 /// `.img.zst` from the raw image: multi-threaded zstd (`-T0`) fed through a pipe so the bar
-/// follows; `--stream-size` puts the content size into the frame header.
+/// follows; `--stream-size` puts the content size into the frame header. Level 12 with a
+/// 128 MiB window (`--long=27`, the largest every decoder takes without options): on the
+/// rpi4 image 6% smaller than level 6 for 2.7x its time, where level 19 would take 11x.
+pub const ZSTD_ARGS: &[&str] = &["-q", "-T0", "-12", "--long=27", "-f"];
 pub fn zstd(raw: &Path, dest: &Path, bar: &Bar) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(raw).with_context(|| format!("opening {}", raw.display()))?;
     let size = f.metadata()?.len();
     let mut c = Command::new("zstd");
-    c.args(["-q", "-T0", "-6", "-f"])
+    c.args(ZSTD_ARGS)
         .arg(format!("--stream-size={size}"))
         .arg("-o")
         .arg(dest);

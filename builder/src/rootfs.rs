@@ -63,6 +63,12 @@ pub struct RootfsSpec {
     /// architecture than the host's and is built under emulation with extra hooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub foreign: Option<u32>,
+    /// The board's dpkg path-exclude and path-include patterns (in the key only when set,
+    /// so boards without them keep their cache entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_include: Vec<String>,
 }
 
 impl RootfsSpec {
@@ -94,6 +100,8 @@ impl RootfsSpec {
             packages,
             foreign: (board.arch != crate::cross::host_arch())
                 .then_some(crate::foreign::FOREIGN_RECIPE),
+            path_exclude: board.dpkg_path_exclude.clone(),
+            path_include: board.dpkg_path_include.clone(),
         }
     }
 
@@ -149,6 +157,7 @@ pub fn ensure(cache: &Path, spec: &RootfsSpec) -> Result<(PathBuf, bool)> {
         .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
         .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
         .arg("--dpkgopt=path-exclude=/usr/share/info/*")
+        .args(board_path_filters(spec))
         .arg(&spec.suite)
         .arg(&tmp)
         .arg(&spec.mirror);
@@ -158,6 +167,19 @@ pub fn ensure(cache: &Path, spec: &RootfsSpec) -> Result<(PathBuf, bool)> {
     let meta = serde_json::to_vec_pretty(spec)?;
     atomic::write(&dir.join(format!("{key}.json")), &meta)?;
     Ok((tar, false))
+}
+
+/// The board's own dpkg path filters, excludes first (dpkg: the last matching one wins).
+pub fn board_path_filters(spec: &RootfsSpec) -> Vec<String> {
+    let ex = spec
+        .path_exclude
+        .iter()
+        .map(|p| format!("--dpkgopt=path-exclude={p}"));
+    let inc = spec
+        .path_include
+        .iter()
+        .map(|p| format!("--dpkgopt=path-include={p}"));
+    ex.chain(inc).collect()
 }
 
 /// Unpacks a cached root filesystem into `dest` (which must exist and be empty).
@@ -201,6 +223,31 @@ mod tests {
         assert!(more.packages.contains("htop"));
         let other_suite = RootfsSpec::new(&cfg("suite = \"bookworm\""), &b);
         assert_ne!(a.key(), other_suite.key());
+    }
+
+    #[test]
+    fn board_path_filters_change_only_their_boards_key() {
+        let b = board();
+        let plain = RootfsSpec::new(&cfg(""), &b);
+        assert!(plain.path_exclude.is_empty());
+        assert!(!serde_json::to_string(&plain).unwrap().contains("path_"));
+        let rpi = crate::testutil::board("rpi4");
+        let s = RootfsSpec::new(&cfg(""), &rpi);
+        let f = board_path_filters(&s);
+        let first_include = f.iter().position(|a| a.contains("path-include")).unwrap();
+        assert!(
+            f[..first_include]
+                .iter()
+                .all(|a| a.contains("path-exclude")),
+            "{f:?}"
+        );
+        assert!(f.contains(&"--dpkgopt=path-include=/usr/lib/linux-image-*/broadcom/*".into()));
+        let rpi3 = crate::testutil::board("rpi3");
+        assert_eq!(
+            s.key(),
+            RootfsSpec::new(&cfg(""), &rpi3).key(),
+            "rpi3 and rpi4 share one root filesystem"
+        );
     }
 
     #[test]

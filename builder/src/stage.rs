@@ -524,7 +524,13 @@ mod tests {
         write_root_templates(root, &inp).unwrap();
         let fw = std::fs::read_to_string(root.join("real-etc/default/raspi-firmware")).unwrap();
         assert!(fw.contains("\nROOTPART=\"PARTUUID=1234abcd-02\"\n"), "{fw}");
-        assert!(fw.contains("\nCONSOLES=\"serial0,115200 tty1\"\n"), "{fw}");
+        assert!(fw.contains("\nCONSOLES=\"tty0 ttyS1,115200\"\n"), "{fw}");
+        let custom =
+            std::fs::read_to_string(root.join("real-etc/default/raspi-firmware-custom")).unwrap();
+        assert!(
+            custom.contains("[cm4]\ndevice_tree=bcm2711-rpi-cm4-io.dtb\n"),
+            "{custom}"
+        );
         let extra =
             std::fs::read_to_string(root.join("real-etc/default/raspi-extra-cmdline")).unwrap();
         assert_eq!(extra, "cgroup_enable=memory cgroup_memory=1 quiet\n");

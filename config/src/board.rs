@@ -48,6 +48,13 @@ pub struct Board {
     /// the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imager: Option<Imager>,
+    /// dpkg `path-exclude` patterns for the root filesystem: files of its packages the board
+    /// never uses (other SoCs' device trees, firmware for other chips).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dpkg_path_exclude: Vec<String>,
+    /// dpkg `path-include` patterns, applied after the excludes (dpkg: the last match wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dpkg_path_include: Vec<String>,
 }
 
 /// `[imager]` in a board file.
@@ -57,6 +64,27 @@ pub struct Imager {
     /// Raspberry Pi Imager device tags the image is shown for (`pi4-64bit`, `pi3-64bit`).
     #[serde(default)]
     pub devices: Vec<String>,
+    /// The OS entry's icon: a URL, or one of Imager's own (`icons/...`).
+    pub icon: String,
+    /// The devices Imager 2.x offers in its device step (its top-level `imager.devices`):
+    /// without them a `--repo` list shows no device and cannot go on.
+    #[serde(default)]
+    pub hardware: Vec<ImagerDevice>,
+}
+
+/// One `[[imager.hardware]]`: a device of Imager's device step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagerDevice {
+    pub name: String,
+    pub description: String,
+    /// The tags OS entries name in their `devices`.
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icon: Option<String>,
+    /// `armv8` for the 64-bit boards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
 }
 
 fn main_component() -> Vec<String> {
@@ -103,6 +131,11 @@ pub struct BootFile {
     /// Leave the file out instead of failing when it is missing.
     #[serde(default)]
     pub optional: bool,
+    /// The root filesystem keeps a link to this copy (through the boot partition's mount
+    /// point) instead of a second copy of the file: the kernel and initramfs then take
+    /// their space once on the image.
+    #[serde(default)]
+    pub link_from_root: bool,
 }
 
 /// A text file a board renders: `path` is relative on the boot partition (`boot.templates`)
@@ -203,6 +236,18 @@ impl Board {
                     &format!("boot.files[{i}].to"),
                     "must be a relative path on the boot partition",
                 ));
+            }
+        }
+        if let Some(im) = &self.imager {
+            for (i, tag) in im.devices.iter().enumerate() {
+                if !im.hardware.iter().any(|h| h.tags.contains(tag)) {
+                    return Err(Invalid::new(
+                        &format!("imager.devices[{i}]"),
+                        format!(
+                            "no [[imager.hardware]] has the tag `{tag}`: Imager would list no device for this image"
+                        ),
+                    ));
+                }
             }
         }
         for (i, t) in self.boot.templates.iter().enumerate() {

@@ -137,6 +137,12 @@ fn do_action(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         },
+        Action::Overwrite {
+            path,
+            ranges,
+            fill,
+            len,
+        } => overwrite(&paths.host(path), ranges, *fill, *len)?,
         Action::SetHostname(h) => sys.sethostname(h.as_str())?,
         Action::Run(cmd) => sys.run(cmd)?,
         Action::SparseFile { path, size } => {
@@ -195,5 +201,39 @@ fn do_action(
         Action::LinksUp(names) => sys.links_up(names)?,
         Action::Hold(point) => sys.hold(*point)?,
     }
+    Ok(())
+}
+
+/// Overwrites byte ranges of an existing regular file in place (never through a link) and
+/// makes it durable. A file that is gone needs nothing.
+fn overwrite(p: &Path, ranges: &[std::ops::Range<u64>], fill: u8, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = match fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    if !m.is_file() || m.len() != len {
+        return Err(io::Error::other(format!(
+            "{} changed since it was read ({} bytes, expected {len}); not overwritten",
+            p.display(),
+            m.len()
+        )));
+    }
+    for r in ranges {
+        let r = r.start.min(len)..r.end.min(len);
+        f.write_all_at(&vec![fill; (r.end - r.start) as usize], r.start)?;
+    }
+    f.sync_all()?;
+    tracing::info!(
+        "overwrote {} byte range(s) of {} in place",
+        ranges.len(),
+        p.display()
+    );
     Ok(())
 }

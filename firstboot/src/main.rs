@@ -104,7 +104,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     Some(e)
                 }
             };
-            let board = StatusBoard::new(
+            let mut board = StatusBoard::new(
                 paths.status_file(),
                 Box::new(|line| {
                     // stdout goes to the journal; the console (serial included) gets the
@@ -112,6 +112,17 @@ fn real_main(cli: Cli) -> Result<()> {
                     status::print_console(line);
                 }),
             );
+            // A card pulled from a node that never came up says why.
+            let fat_dir = paths.host(&paths.boot_dir);
+            if fat_dir.is_dir() {
+                board = board.with_report(
+                    fat_dir.join(status::REPORT_FILE),
+                    Box::new(status::addresses),
+                );
+            }
+            if let Ok(r) = std::fs::read_to_string(paths.host("/etc/clutch-release")) {
+                board.set_release(r.trim().to_string());
+            }
             let report =
                 clutch_firstboot::run::run(&paths, &RealSys, &board, true, fetch_error.as_deref());
             // A failed node still boots: the error is in the status, the exit code is 0.
@@ -136,6 +147,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Plan => {
             let loaded =
                 clutch_firstboot::load::load(&paths, &clutch_firstboot::load::read_sources(&paths));
+            // (The salt of a plain-text password's hash is left zero: `plan` writes nothing.)
             let loaded = loaded.context("the node config is not usable")?;
             let mut f = facts::gather_for(&paths, Some(&loaded.config));
             f.hold = clutch_firstboot::hold::requested(&RealSys);

@@ -5,13 +5,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use clutch_config::account::{self, Account};
-use clutch_config::{
-    Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token, User, zone,
-};
+use clutch_config::{Cluster, Hostname, HostnameTemplate, LoopFormat, NodeConfig, Token, zone};
 
 use crate::facts::{Facts, Paths, RootDisk, is_node_id};
 use crate::hold::HoldPoint;
-use crate::load::Loaded;
+use crate::load::imported::{Password, Sudo};
+use crate::load::{Loaded, LoginUser, WifiSetting};
 use crate::render;
 use crate::sys::{Cmd, TableKind};
 
@@ -47,6 +46,15 @@ pub enum Action {
     },
     Remove {
         path: PathBuf,
+    },
+    /// Overwrites `ranges` of an existing file in place with `fill` and fsyncs it; fails when
+    /// the file is not `len` bytes long (it changed since it was read). On vfat this changes
+    /// the very clusters that held the bytes: how secrets leave the FAT partition.
+    Overwrite {
+        path: PathBuf,
+        ranges: Vec<std::ops::Range<u64>>,
+        fill: u8,
+        len: u64,
     },
     SetHostname(Hostname),
     Run(Cmd),
@@ -101,6 +109,24 @@ impl fmt::Debug for Action {
                 write!(f, "symlink {} -> {}", path.display(), target.display())
             }
             Action::Remove { path } => write!(f, "remove {}", path.display()),
+            Action::Overwrite {
+                path,
+                ranges,
+                fill,
+                len,
+            } => {
+                let r: Vec<String> = ranges
+                    .iter()
+                    .map(|r| format!("{}..{}", r.start, r.end))
+                    .collect();
+                write!(
+                    f,
+                    "overwrite {} [{}] with {:?} ({len} bytes)",
+                    path.display(),
+                    r.join(","),
+                    *fill as char
+                )
+            }
             Action::SetHostname(h) => write!(f, "sethostname {h}"),
             Action::Run(c) => write!(f, "run {c}"),
             Action::SparseFile { path, size } => write!(f, "sparse {} {size}", path.display()),
@@ -242,7 +268,13 @@ fn node_id(facts: &Facts, fresh: &Fresh) -> String {
 }
 
 /// Identity: node id, machine id, SSH host keys, hostname. Also what the failed path runs.
-fn identity(paths: &Paths, facts: &Facts, fresh: &Fresh, hostname: &Hostname) -> Step {
+fn identity(
+    paths: &Paths,
+    facts: &Facts,
+    fresh: &Fresh,
+    hostname: &Hostname,
+    fqdn: Option<&str>,
+) -> Step {
     let mut a = Vec::new();
     if facts.node_id.is_none() {
         a.push(write(
@@ -292,7 +324,7 @@ fn identity(paths: &Paths, facts: &Facts, fresh: &Fresh, hostname: &Hostname) ->
     ));
     a.push(write(
         "/etc/hosts",
-        render::hosts_file(facts.etc_hosts.as_deref(), hostname),
+        render::hosts_file(facts.etc_hosts.as_deref(), hostname, fqdn),
         0o644,
     ));
     a.push(Action::SetHostname(hostname.clone()));
@@ -319,8 +351,14 @@ fn links_up(facts: &Facts) -> Step {
 }
 
 /// The plan when the config could not be used: identity with the hostname the node already
-/// has (or the default template), and links up. Nothing that needs the config.
-pub fn plan_safe(paths: &Paths, facts: &Facts, fresh: &Fresh) -> Plan {
+/// has (else the config's template when that much of it reads, else the default), and links
+/// up. Nothing that needs the config.
+pub fn plan_safe(
+    paths: &Paths,
+    facts: &Facts,
+    fresh: &Fresh,
+    template: Option<&HostnameTemplate>,
+) -> Plan {
     let id = node_id(facts, fresh);
     let kept = facts
         .etc_hostname
@@ -328,13 +366,24 @@ pub fn plan_safe(paths: &Paths, facts: &Facts, fresh: &Fresh) -> Plan {
         // Placeholders: the builder's `clutch`, Debian's and Raspberry Pi OS's defaults.
         .filter(|h| !matches!(*h, "" | "localhost" | "clutch" | "debian" | "raspberrypi"))
         .and_then(|h| Hostname::try_from(h).ok());
-    let hostname = kept.unwrap_or_else(|| {
-        HostnameTemplate::default()
-            .render(&id[..6], primary_mac(facts).unwrap_or("000000000000"))
-            .expect("default template renders")
-    });
+    let mac = primary_mac(facts).unwrap_or("000000000000");
+    let hostname = kept
+        // A {mac} template without a MAC would give every such node the same name.
+        .or_else(|| {
+            template
+                .filter(|t| !t.uses_mac() || primary_mac(facts).is_some())
+                .and_then(|t| t.render(&id[..6], mac).ok())
+        })
+        .unwrap_or_else(|| {
+            HostnameTemplate::default()
+                .render(&id[..6], mac)
+                .expect("default template renders")
+        });
     Plan {
-        steps: vec![identity(paths, facts, fresh, &hostname), links_up(facts)],
+        steps: vec![
+            identity(paths, facts, fresh, &hostname, None),
+            links_up(facts),
+        ],
         hostname,
         node_id: id,
         storage: Vec::new(),
@@ -366,23 +415,32 @@ pub fn plan(
         .render(&id[..6], &mac)
         .map_err(|_| PlanError::NoMac(tpl.to_string()))?;
 
-    let mut steps = vec![identity(paths, facts, fresh, &hostname)];
+    let mut steps = vec![identity(
+        paths,
+        facts,
+        fresh,
+        &hostname,
+        loaded.fqdn.as_deref(),
+    )];
     if !loaded.secret_actions.is_empty() {
         steps.push(Step::every_boot("secrets", loaded.secret_actions.clone()));
     }
-    let mut warnings = Vec::new();
-    let login = login_account(facts, c.user.as_ref(), &mut warnings);
-    if let Some((u, account)) = &login {
-        steps.push(Step::every_boot("users", users(paths, facts, u, account)));
+    if !loaded.input_actions.is_empty() {
+        steps.push(Step::every_boot("inputs", loaded.input_actions.clone()));
     }
-    if let Some(pw) = &loaded.extras.plain_password {
-        if !facts.done.contains("custom-password") {
-            if let Some((u, _)) = &login {
-                let mut cmd = Cmd::new("chpasswd", &["-R"]).arg_path(&paths.root);
-                cmd.stdin = Some(format!("{}:{pw}\n", u.name));
-                steps.push(Step::once("custom-password", vec![Action::Run(cmd)]));
-            }
+    let mut warnings = loaded.warnings.clone();
+    let mut accounts = Vec::new();
+    for u in &loaded.users {
+        if let Some(a) = login_account(facts, u, &mut warnings) {
+            accounts.push((u, a));
         }
+    }
+    if !accounts.is_empty() {
+        let mut a = Vec::new();
+        for (u, account) in &accounts {
+            a.extend(users(paths, facts, u, account, &mut warnings));
+        }
+        steps.push(Step::every_boot("users", a));
     }
     steps.push(Step::every_boot("ssh", ssh(c)));
     steps.push(Step::every_boot(
@@ -390,7 +448,10 @@ pub fn plan(
         system(facts, loaded, &mut warnings),
     ));
     let has_wlan0 = facts.links.iter().any(|l| l.name == "wlan0");
-    steps.push(Step::every_boot("network", network(c, has_wlan0)));
+    steps.push(Step::every_boot(
+        "network",
+        network(loaded.wifi.as_ref(), has_wlan0),
+    ));
     let mut notes = Vec::new();
     if !facts.done.contains("grow-root") {
         match &facts.root_disk {
@@ -488,7 +549,7 @@ pub fn plan(
         cluster,
         notes,
         warnings,
-        user: login.map(|(u, _)| u.name.to_string()),
+        user: accounts.first().map(|(u, _)| u.name.to_string()),
     })
 }
 
@@ -543,42 +604,104 @@ fn grow(r: &RootDisk, hold: bool, notes: &mut Vec<String>) -> Result<Vec<Action>
     Ok(a)
 }
 
-/// The login user by the config crate's rule ([`clutch_config::account`]) against this
+/// A login user by the config crate's rule ([`clutch_config::account`]) against this
 /// node's own /etc/passwd and /etc/group. A refused name (a system account such as
 /// `daemon`, a privileged group such as `disk`) is a warning: no account is created or
 /// changed, and the node still comes up.
-fn login_account<'a>(
-    facts: &Facts,
-    user: Option<&'a User>,
-    warnings: &mut Vec<String>,
-) -> Option<(&'a User, Account)> {
-    let u = user?;
+fn login_account(facts: &Facts, u: &LoginUser, warnings: &mut Vec<String>) -> Option<Account> {
     match account::decide(&u.name, &facts.passwd, &facts.group) {
-        Ok(a) => Some((u, a)),
+        Ok(a) => Some(a),
         Err(why) => {
-            warnings.push(format!("user.name: {why}; no user was created or changed"));
+            warnings.push(format!(
+                "user `{}`: {why}; no user was created or changed",
+                u.name
+            ));
             None
         }
     }
 }
 
-fn users(paths: &Paths, facts: &Facts, u: &User, account: &Account) -> Vec<Action> {
+/// The shadow password field for `p` given the current one (`!` locks, as `passwd -l`).
+fn shadow_field(p: &Password, current: Option<&str>) -> Option<String> {
+    let base = match (&p.hash, current) {
+        (Some(h), _) => h.as_str().to_string(),
+        (None, Some(c)) => c.trim_start_matches('!').to_string(),
+        (None, None) => String::new(),
+    };
+    match (p.locked, base.is_empty()) {
+        (true, _) => Some(format!("!{base}")),
+        (false, true) => None,
+        (false, false) => Some(base),
+    }
+}
+
+fn users(
+    paths: &Paths,
+    facts: &Facts,
+    u: &LoginUser,
+    account: &Account,
+    warnings: &mut Vec<String>,
+) -> Vec<Action> {
     let name = u.name.to_string();
     let mut a = Vec::new();
+    // Groups the node has; sudo ones first.
+    let mut groups: Vec<String> = Vec::new();
+    if u.sudo != Sudo::No {
+        groups.push("sudo".into());
+    }
+    let mut missing = Vec::new();
+    for g in &u.groups {
+        if groups.contains(g) {
+            continue;
+        }
+        if account::group_names(&facts.group).any(|n| n == g) {
+            groups.push(g.clone());
+        } else {
+            missing.push(g.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        warnings.push(format!(
+            "user `{name}`: the groups {} do not exist on this node; not joined",
+            missing.join(", ")
+        ));
+    }
     let home = match account {
-        Account::Existing(e) => e.home.clone(),
+        Account::Existing(e) => {
+            let member = |g: &str| {
+                facts.group.lines().any(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    f.len() >= 4 && f[0] == g && f[3].split(',').any(|m| m == name)
+                })
+            };
+            let join: Vec<&str> = groups
+                .iter()
+                .map(String::as_str)
+                .filter(|g| !member(g))
+                .collect();
+            if !join.is_empty() {
+                let mut cmd = Cmd::new("usermod", &["-R"]).arg_path(&paths.root);
+                cmd.args
+                    .extend(["-a", "-G", &join.join(","), &name].map(String::from));
+                a.push(Action::Run(cmd));
+            }
+            e.home.clone()
+        }
         new => {
             let mut cmd = Cmd::new("useradd", &["-R"]).arg_path(&paths.root);
             cmd.args.extend(["-m", "-s", "/bin/bash"].map(String::from));
             cmd.args
                 .extend(new.useradd_group_args().iter().map(|s| s.to_string()));
+            if !groups.is_empty() {
+                cmd.args.extend(["--groups".to_string(), groups.join(",")]);
+            }
             cmd.args.push(name.clone());
             a.push(Action::Run(cmd));
             format!("/home/{name}")
         }
     };
     let sudoers = PathBuf::from(format!("/etc/sudoers.d/clutch-{name}"));
-    if u.sudo {
+    if u.sudo == Sudo::NoPassword {
         a.push(write(sudoers, render::sudoers(&name), 0o440));
     } else {
         a.push(remove(sudoers));
@@ -591,28 +714,39 @@ fn users(paths: &Paths, facts: &Facts, u: &User, account: &Account) -> Vec<Actio
     });
     a.push(Action::WriteFile {
         path: ssh_dir.join("authorized_keys"),
-        contents: render::authorized_keys(&u.authorized_keys).into(),
+        contents: render::authorized_keys(&u.keys).into(),
         mode: 0o600,
         owner: Owner::User(name.clone()),
         secret: false,
     });
-    // An empty password_hash leaves the password as it is (the builder locks it).
-    if !u.password_hash.as_str().is_empty() {
-        if let Some(new) = facts
-            .shadow
-            .as_deref()
-            .and_then(|s| render::shadow_with_hash(s, &name, u.password_hash.as_str()))
-        {
-            a.push(Action::WriteFile {
-                path: "/etc/shadow".into(),
-                contents: new.into(),
-                mode: 0o640,
-                owner: Owner::Keep,
-                secret: true,
-            });
-        } else {
+    // No password setting leaves the password as it is (the builder locks it).
+    let Some(p) = &u.password else {
+        return a;
+    };
+    let current = facts.shadow.as_deref().and_then(|s| {
+        s.lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() >= 2 && f[0] == name)
+            .map(|f| f[1].to_string())
+    });
+    let Some(field) = shadow_field(p, current.as_deref()) else {
+        return a;
+    };
+    match facts
+        .shadow
+        .as_deref()
+        .and_then(|s| render::shadow_with_hash(s, &name, &field))
+    {
+        Some(new) => a.push(Action::WriteFile {
+            path: "/etc/shadow".into(),
+            contents: new.into(),
+            mode: 0o640,
+            owner: Owner::Keep,
+            secret: true,
+        }),
+        None => {
             let mut cmd = Cmd::new("chpasswd", &["-e", "-R"]).arg_path(&paths.root);
-            cmd.stdin = Some(format!("{name}:{}\n", u.password_hash));
+            cmd.stdin = Some(format!("{name}:{field}\n"));
             a.push(Action::Run(cmd));
         }
     }
@@ -665,16 +799,23 @@ fn system(facts: &Facts, loaded: &Loaded, warnings: &mut Vec<String>) -> Vec<Act
             write("/etc/timezone", format!("{}\n", zone::FALLBACK), 0o644),
         ],
     };
-    if let Some(k) = &loaded.extras.keymap {
+    if let Some(k) = &loaded.keymap {
         a.push(write(
             "/etc/default/keyboard",
             render::keyboard(facts.keyboard.as_deref(), k),
             0o644,
         ));
     }
+    // The wifi regulatory domain for the radio, also without a network to join (a
+    // custom.toml `[wlan]` with only `country`).
+    match &loaded.wifi_country {
+        Some(c) => a.push(write(REGDOM_CONF, render::regdom(c), 0o644)),
+        None => a.push(remove(REGDOM_CONF)),
+    }
     a
 }
 
+const REGDOM_CONF: &str = "/etc/modprobe.d/clutch-wifi-country.conf";
 const WPA_CONF: &str = "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf";
 /// wpa_supplicant is wanted by the wlan0 device, not by multi-user.target: a node without
 /// wlan0 (a VM, a Pi whose radio is disabled) must not wait 90 s for a device that never
@@ -692,13 +833,13 @@ const OLD_WIRED: &str = "/etc/systemd/network/20-clutch-wired.network";
 
 /// Wifi only: wired links are configured by the image (`80-clutch-wired.network`: DHCP with
 /// IPv4 link-local fallback, mDNS off in networkd because clutch answers mDNS itself).
-fn network(c: &NodeConfig, has_wlan0: bool) -> Vec<Action> {
+fn network(wifi: Option<&WifiSetting>, has_wlan0: bool) -> Vec<Action> {
     let mut a = vec![remove(OLD_WIRED), remove(OLD_WPA_WANTS)];
-    match &c.wifi {
+    match wifi {
         Some(w) => {
             a.push(write_secret(
                 WPA_CONF,
-                render::wpa_supplicant(&w.ssid, w.psk.as_ref(), &w.country, w.hidden),
+                render::wpa_supplicant(&w.ssid, w.psk.as_ref(), w.country.as_ref(), w.hidden),
             ));
             a.push(write(
                 "/etc/systemd/network/30-clutch-wlan0.network",

@@ -14,13 +14,16 @@ const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n\
 ff02::1\t\tip6-allnodes\n\
 ff02::2\t\tip6-allrouters\n";
 
-/// `/etc/hosts` with exactly one `127.0.1.1 <hostname>` line (after the 127.0.0.1 line),
-/// every other line kept.
-pub fn hosts_file(existing: Option<&str>, h: &Hostname) -> String {
+/// `/etc/hosts` with exactly one `127.0.1.1 [<fqdn>] <hostname>` line (after the 127.0.0.1
+/// line), every other line kept.
+pub fn hosts_file(existing: Option<&str>, h: &Hostname, fqdn: Option<&str>) -> String {
     let existing = existing
         .filter(|s| !s.trim().is_empty())
         .unwrap_or(DEFAULT_HOSTS);
-    let ours = format!("127.0.1.1\t{h}");
+    let ours = match fqdn.filter(|f| *f != h.as_str()) {
+        Some(f) => format!("127.0.1.1\t{f} {h}"),
+        None => format!("127.0.1.1\t{h}"),
+    };
     let mut out = Vec::new();
     let mut placed = false;
     for line in existing.lines() {
@@ -78,16 +81,19 @@ fn ssid_value(ssid: &str) -> String {
 
 /// `/etc/wpa_supplicant/wpa_supplicant-wlan0.conf`; the passphrase is stored only as the
 /// derived 64-hex key. No psk = an open network.
+/// Without a country the world regulatory domain applies.
 pub fn wpa_supplicant(
     ssid: &str,
     psk: Option<&WifiPsk>,
-    country: &Country,
+    country: Option<&Country>,
     hidden: bool,
 ) -> String {
-    let mut s = format!(
-        "{HEADER}ctrl_interface=DIR=/run/wpa_supplicant GROUP=netdev\nupdate_config=0\ncountry={country}\n\nnetwork={{\n\tssid={}\n",
-        ssid_value(ssid)
-    );
+    let mut s =
+        format!("{HEADER}ctrl_interface=DIR=/run/wpa_supplicant GROUP=netdev\nupdate_config=0\n");
+    if let Some(c) = country {
+        s += &format!("country={c}\n");
+    }
+    s += &format!("\nnetwork={{\n\tssid={}\n", ssid_value(ssid));
     if hidden {
         s += "\tscan_ssid=1\n";
     }
@@ -105,6 +111,11 @@ pub fn wlan_network() -> String {
     format!(
         "{HEADER}[Match]\nName=wlan0\n\n[Network]\nDHCP=yes\nLinkLocalAddressing=yes\nMulticastDNS=no\nLLMNR=no\n\n[DHCPv4]\nRouteMetric=600\n"
     )
+}
+
+/// `/etc/modprobe.d/clutch-wifi-country.conf`: the radio's regulatory domain from boot on.
+pub fn regdom(country: &Country) -> String {
+    format!("{HEADER}options cfg80211 ieee80211_regdom={country}\n")
 }
 
 /// `/etc/default/keyboard` with XKBLAYOUT set, other lines kept.
@@ -158,14 +169,19 @@ mod tests {
         let h = Hostname::try_from("node-abc123").unwrap();
         let old = "127.0.0.1 localhost\n127.0.1.1 debian\n10.0.0.5 nas\n";
         assert_eq!(
-            hosts_file(Some(old), &h),
+            hosts_file(Some(old), &h, None),
             "127.0.0.1 localhost\n127.0.1.1\tnode-abc123\n10.0.0.5 nas\n"
         );
-        let no_lo = hosts_file(Some("10.0.0.5 nas\n"), &h);
+        let no_lo = hosts_file(Some("10.0.0.5 nas\n"), &h, None);
         assert_eq!(no_lo, "127.0.1.1\tnode-abc123\n10.0.0.5 nas\n");
         // idempotent
-        let once = hosts_file(Some(old), &h);
-        assert_eq!(hosts_file(Some(&once), &h), once);
+        let once = hosts_file(Some(old), &h, None);
+        assert_eq!(hosts_file(Some(&once), &h, None), once);
+        let f = hosts_file(Some(old), &h, Some("node-abc123.lab.example"));
+        assert!(
+            f.contains("127.0.1.1\tnode-abc123.lab.example node-abc123\n"),
+            "{f}"
+        );
     }
 
     #[test]

@@ -35,20 +35,26 @@ pub fn run(
     form: bool,
     fetch_error: Option<&str>,
 ) -> Report {
-    let loaded = load(paths, &read_sources(paths));
-    let mut facts = gather_for(paths, loaded.as_ref().ok().map(|l| &l.config));
-    facts.hold = crate::hold::requested(sys);
     let fresh = Fresh {
         node_id: hex_random(sys),
         machine_id: hex_random(sys),
     };
+    let mut sources = read_sources(paths);
+    sys.random(&mut sources.salt);
+    let loaded = load(paths, &sources);
+    let template = crate::load::template_hint(&sources);
+    let mut facts = gather_for(paths, loaded.as_ref().ok().map(|l| &l.config));
+    facts.hold = crate::hold::requested(sys);
     let (the_plan, mut error) = match &loaded {
         Ok(l) => match plan(paths, &facts, l, &fresh) {
             Ok(p) => (p, None),
-            Err(e) => (plan_safe(paths, &facts, &fresh), Some(e.to_string())),
+            Err(e) => (
+                plan_safe(paths, &facts, &fresh, Some(&l.config.system.hostname)),
+                Some(e.to_string()),
+            ),
         },
         Err(e) => (
-            plan_safe(paths, &facts, &fresh),
+            plan_safe(paths, &facts, &fresh, template.as_ref()),
             Some(match fetch_error {
                 Some(f) => format!("{f}; {e}"),
                 None => e.to_string(),
@@ -63,6 +69,11 @@ pub fn run(
     }
     for w in &the_plan.warnings {
         tracing::warn!("{w}");
+    }
+    if let Ok(l) = &loaded {
+        for f in &l.applied {
+            tracing::info!("applied {f} and removed it from the boot partition");
+        }
     }
     let role = if the_plan.cluster.is_some() {
         "pending"

@@ -39,6 +39,9 @@ pub struct Status {
     #[serde(default)]
     pub warnings: Vec<String>,
     pub error: Option<String>,
+    /// The OS release of the image (`/etc/clutch-release`), empty when unknown.
+    #[serde(default)]
+    pub release: String,
     /// Cluster formation: why this node is waiting (peers seen vs needed, settle time), or
     /// empty. Beyond SPEC's keys, for people asking "why is it stuck".
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -57,15 +60,17 @@ impl Default for Status {
             storage: Vec::new(),
             warnings: Vec::new(),
             error: None,
+            release: String::new(),
             waiting: String::new(),
         }
     }
 }
 
 impl Status {
-    /// The console line: `clutch: phase=<phase> host=<hostname> role=<role> members=<n>`.
+    /// The console line: `clutch: phase=<phase> host=<hostname> role=<role> members=<n>`,
+    /// and for `failed` ` error="<short reason>"`.
     pub fn console_line(&self) -> String {
-        format!(
+        let mut line = format!(
             "clutch: phase={} host={} role={} members={}",
             self.phase,
             if self.hostname.is_empty() {
@@ -79,7 +84,42 @@ impl Status {
                 &self.role
             },
             self.members.len()
-        )
+        );
+        if let (Phase::Failed, Some(e)) = (self.phase, &self.error) {
+            line += &format!(" error=\"{}\"", short_reason(e));
+        }
+        line
+    }
+
+    /// `clutch-status.txt` on the FAT partition: what a person reading the card on another
+    /// computer needs to know about the node.
+    pub fn report(&self, addresses: &[String]) -> String {
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let mut s = format!(
+            "clutch node status, written by clutch-firstboot at every phase change.\r\n\r\n\
+             phase:     {}\r\nhostname:  {}\r\naddresses: {}\r\nrelease:   {}\r\nrole:      {}\r\nmembers:   {}\r\n",
+            self.phase,
+            dash(&self.hostname),
+            if addresses.is_empty() {
+                "none yet (the network comes up after this service)".to_string()
+            } else {
+                addresses.join(" ")
+            },
+            dash(&self.release),
+            dash(&self.role),
+            self.members.len(),
+        );
+        for w in &self.warnings {
+            s += &format!("warning:   {w}\r\n");
+        }
+        s += &format!("error:     {}\r\n", self.error.as_deref().unwrap_or("none"));
+        s
     }
 
     /// A multi-line report for a person (`clutch-firstboot status`).
@@ -199,6 +239,51 @@ impl StatusUpdate {
     }
 }
 
+/// The status report's name on the FAT partition.
+pub const REPORT_FILE: &str = "clutch-status.txt";
+
+/// The node's addresses (every interface but loopback), as `eth0 192.168.1.20/24`.
+pub fn addresses() -> Vec<String> {
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for i in ifs {
+        if i.interface_name == "lo" {
+            continue;
+        }
+        let Some(a) = i.address else { continue };
+        if let Some(v4) = a.as_sockaddr_in() {
+            out.push(format!("{} {}", i.interface_name, v4.ip()));
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            out.push(format!("{} {}", i.interface_name, v6.ip()));
+        }
+    }
+    out
+}
+
+/// An error in a few words for the console line: no directories, at most 100 characters,
+/// no quotes or control characters.
+pub fn short_reason(e: &str) -> String {
+    let first = e.lines().next().unwrap_or("");
+    // `/boot/efi/clutch.toml:4:12: ...` -> `clutch.toml:4:12: ...`
+    let start = first.split(' ').next().unwrap_or("");
+    let trimmed = match start.rfind('/') {
+        Some(i) if start.starts_with('/') => &first[i + 1..],
+        _ => first,
+    };
+    let clean: String = trimmed
+        .chars()
+        .map(|c| if c == '"' { '\'' } else { c })
+        .filter(|c| !c.is_control())
+        .collect();
+    if clean.chars().count() > 100 {
+        clean.chars().take(99).collect::<String>() + "…"
+    } else {
+        clean
+    }
+}
+
 /// Where status updates go. The cluster code gets a `&dyn StatusSink`.
 pub trait StatusSink: Send + Sync {
     fn set(&self, update: StatusUpdate);
@@ -214,7 +299,10 @@ pub struct StatusBoard {
     path: PathBuf,
     state: Mutex<(Status, Option<Phase>)>,
     console: Console,
+    report: Option<(PathBuf, Addresses)>,
 }
+
+type Addresses = Box<dyn Fn() -> Vec<String> + Send + Sync>;
 
 impl StatusBoard {
     /// `path` is the host path of `status.json`; `console` receives each phase line.
@@ -223,7 +311,21 @@ impl StatusBoard {
             path,
             state: Mutex::new((Status::default(), None)),
             console,
+            report: None,
         }
+    }
+
+    /// Also writes `clutch-status.txt` (host path `path`) at every phase change, with the
+    /// node's addresses from `addresses`.
+    pub fn with_report(mut self, path: PathBuf, addresses: Addresses) -> Self {
+        self.report = Some((path, addresses));
+        self
+    }
+
+    /// The release shown in the status.
+    pub fn set_release(&self, release: String) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.release = release;
     }
 
     pub fn path(&self) -> &Path {
@@ -242,6 +344,12 @@ impl StatusSink for StatusBoard {
         if *printed != Some(status.phase) {
             *printed = Some(status.phase);
             (self.console)(&status.console_line());
+            if let Some((p, addresses)) = &self.report {
+                let text = status.report(&addresses());
+                if let Err(e) = fsx::write_atomic(p, text.as_bytes(), 0o644) {
+                    tracing::warn!("cannot write {}: {e}", p.display());
+                }
+            }
         }
     }
 

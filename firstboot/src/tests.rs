@@ -113,6 +113,10 @@ impl Node {
         let board = StatusBoard::new(
             self.paths.status_file(),
             Box::new(move |s| l2.lock().unwrap().push(s.to_string())),
+        )
+        .with_report(
+            self.paths.host(self.paths.boot_file("clutch-status.txt")),
+            Box::new(|| vec!["eth0 192.0.2.7".to_string()]),
         );
         // Formation (`form = true`) needs a network and peers: the cluster crate tests it.
         let rep = run(&self.paths, sys, &board, false, fetch_error);
@@ -476,6 +480,14 @@ fn assert_failed_but_safe(n: &Node, rep: &Report, calls: &[String], lines: &[Str
     );
     // the baked-in authorized_keys are not touched
     assert!(!n.exists("/home/admin/.ssh/authorized_keys"));
+    // The reason, in a few words, on the console and on the card.
+    let last = lines.last().unwrap();
+    let short = crate::status::short_reason(&e);
+    assert!(last.ends_with(&format!(" error=\"{short}\"")), "{last}");
+    assert!(!short.starts_with('/') && short.len() <= 102, "{short}");
+    let report = n.read(&format!("{}/clutch-status.txt", n.paths.boot_dir.display()));
+    assert!(report.contains("phase:     failed\r\n"), "{report}");
+    assert!(report.contains(&format!("error:     {e}\r\n")), "{report}");
 }
 
 #[test]
@@ -812,6 +824,7 @@ fn generated_files_match_golden() {
     );
     assert_eq!(n.mode("/etc/sudoers.d/clutch-admin"), 0o440);
     golden("status.json", &n.read("/run/clutch/status.json"));
+    golden("clutch-status.txt", &n.read("/boot/efi/clutch-status.txt"));
 }
 
 #[test]
@@ -847,7 +860,9 @@ fn missing_user_is_created() {
     let n = Node::new(Some(&cfg));
     let (rep, _, calls) = n.boot();
     assert!(
-        calls.contains(&"run useradd -R $ROOT -m -s /bin/bash --user-group ops".to_string()),
+        calls.contains(
+            &"run useradd -R $ROOT -m -s /bin/bash --user-group --groups sudo ops".to_string()
+        ),
         "{calls:#?}"
     );
     // The fake useradd made no passwd entry, so owning the keys fails visibly.
@@ -895,30 +910,46 @@ fn pi_node(custom: &str) -> Node {
     fs::rename(n.paths.host("/boot/efi"), n.paths.host("/boot/firmware")).unwrap();
     write(
         &n.paths.host("/etc/passwd"),
-        "root:x:0:0:root:/root:/bin/bash\nadmin:x:999:999::/home/admin:/bin/bash\npi:x:1000:1000::/home/pi:/bin/bash\n",
+        "root:x:0:0:root:/root:/bin/bash\nadmin:x:1001:1001::/home/admin:/bin/bash\npi:x:1000:1000::/home/pi:/bin/bash\n",
     );
     write(&n.paths.host("/etc/shadow"), "pi:!:20000:0:99999:7:::\n");
     write(&n.paths.host("/boot/firmware/custom.toml"), custom);
     n
 }
 
+/// A node whose FAT partition holds `files` (name, contents) besides clutch.toml.
+fn pi_node_with(files: &[(&str, &str)]) -> Node {
+    let n = pi_node("");
+    fs::remove_file(n.paths.host("/boot/firmware/custom.toml")).unwrap();
+    for (name, text) in files {
+        write(&n.paths.host(format!("/boot/firmware/{name}")), text);
+    }
+    n
+}
+
 #[test]
-fn custom_toml_is_honoured_and_moved() {
+fn custom_toml_is_honoured_once_and_scrubbed_off_the_card() {
     let n = pi_node(CUSTOM);
     let (rep, _, calls) = n.boot();
     assert_eq!(rep.error, None);
+    assert_eq!(rep.phase, Phase::Ready);
     assert_eq!(rep.plan.hostname.as_str(), "kitchen-pi");
     assert!(calls.contains(&"sethostname kitchen-pi".to_string()));
+    // custom.toml's keys go to its user; clutch.toml's user keeps its own.
+    let pi_keys = n.read("/home/pi/.ssh/authorized_keys");
     assert!(
-        n.read("/home/pi/.ssh/authorized_keys")
-            .contains("pi@imager")
+        pi_keys.contains("pi@imager") && !pi_keys.contains("me@laptop"),
+        "{pi_keys}"
     );
     assert!(
-        !n.read("/home/pi/.ssh/authorized_keys")
-            .contains("me@laptop"),
-        "custom keys replace"
+        n.read("/home/admin/.ssh/authorized_keys")
+            .contains("me@laptop")
     );
     assert!(n.read("/etc/shadow").contains("pi:$6$salt$hashhash:"));
+    assert!(
+        n.exists("/etc/sudoers.d/clutch-pi"),
+        "Raspberry Pi OS's first user has sudo"
+    );
     assert!(
         n.read("/etc/ssh/sshd_config.d/50-clutch.conf")
             .contains("PasswordAuthentication yes")
@@ -930,104 +961,233 @@ fn custom_toml_is_honoured_and_moved() {
     );
     assert!(n.read("/etc/default/keyboard").contains("XKBLAYOUT=\"de\""));
     assert_eq!(n.read("/etc/timezone"), "Europe/Berlin\n");
-    // moved off the FAT partition, kept for later boots
+    assert!(
+        n.read("/etc/modprobe.d/clutch-wifi-country.conf")
+            .contains("ieee80211_regdom=DE")
+    );
+    // Applied once: gone from the card, its settings recorded (0600), no plain copy kept.
     assert!(!n.exists("/boot/firmware/custom.toml"));
-    assert_eq!(n.read("/var/lib/clutch/custom.toml"), CUSTOM);
-    assert_eq!(n.mode("/var/lib/clutch/custom.toml"), 0o600);
+    assert!(!n.exists("/var/lib/clutch/custom.toml"));
+    assert_eq!(n.mode("/var/lib/clutch/imported.toml"), 0o600);
+    let overwrite = calls.iter().position(|c| c.contains("overwrite"));
+    assert!(
+        overwrite.is_none(),
+        "the fake records no file I/O: {calls:?}"
+    );
+    let step = rep.plan.step("inputs").unwrap();
+    let dbg = format!("{:?}", step.actions);
+    let (w, o, r) = (
+        dbg.find("write /var/lib/clutch/imported.toml").unwrap(),
+        dbg.find("overwrite /boot/firmware/custom.toml").unwrap(),
+        dbg.find("remove /boot/firmware/custom.toml").unwrap(),
+    );
+    assert!(
+        w < o && o < r,
+        "recorded, then blanked, then removed: {dbg}"
+    );
     n.reboot();
-    let (rep, _, _) = n.boot();
+    let (rep, _, calls) = n.boot();
     assert_eq!(
         rep.plan.hostname.as_str(),
         "kitchen-pi",
-        "still applied from the stored copy"
+        "kept from the record"
     );
+    assert!(rep.plan.step("inputs").is_none());
+    assert!(!has(&calls, "run useradd"), "{calls:?}");
 }
 
 #[test]
-fn custom_toml_plain_password_is_set_once() {
+fn custom_toml_plain_password_is_hashed_and_never_kept() {
     let n =
         pi_node("[user]\nname = \"pi\"\npassword = \"raspberry\"\npassword_encrypted = false\n");
-    let (rep, _, calls) = n.boot();
+    write(&n.paths.host("/etc/shadow"), "pi:!:20000:0:99999:7:::\n");
+    let (rep, _, _) = n.boot();
     assert_eq!(rep.error, None);
-    let c = calls
-        .iter()
-        .find(|c| c.starts_with("run chpasswd"))
-        .expect("chpasswd");
-    assert_eq!(c, "run chpasswd -R $ROOT <stdin redacted>");
-    let step = rep.plan.step("custom-password").unwrap();
-    match &step.actions[0] {
-        crate::plan::Action::Run(cmd) => assert_eq!(cmd.stdin.as_deref(), Some("pi:raspberry\n")),
-        a => panic!("{a:?}"),
+    let shadow = n.read("/etc/shadow");
+    let hash = shadow.split(':').nth(1).unwrap();
+    assert!(hash.starts_with("$6$"), "{shadow}");
+    use sha_crypt::PasswordVerifier;
+    sha_crypt::ShaCrypt::SHA512
+        .verify_password(b"raspberry", hash)
+        .unwrap();
+    for f in walk(n.root()) {
+        let t = fs::read(&f).unwrap_or_default();
+        assert!(
+            !t.windows(9).any(|w| w == b"raspberry"),
+            "plain password in {}",
+            f.display()
+        );
     }
-    n.reboot();
-    let (_, _, calls) = n.boot();
-    assert!(
-        !has(&calls, "run chpasswd"),
-        "the password is set once, not every boot"
-    );
+}
+
+/// Every regular file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(walk(&p));
+        } else if t.is_file() && e.metadata().unwrap().len() < 1 << 20 {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[test]
-fn custom_toml_errors_are_located() {
-    for (custom, want) in [
-        (
-            "[system]\nhostname = \"bad_name\"\n",
-            "/boot/firmware/custom.toml:2:12: system.hostname: `bad_name` is not a valid hostname",
-        ),
-        (
-            "[wlan]\nssid = \"x\"\npassword = \"longenough\"\n",
-            "/boot/firmware/custom.toml:1:1: wlan.country: the wifi regulatory country is missing",
-        ),
-        (
-            "[wlan]\nssid = \"x\"\npassword = \"short\"\ncountry = \"GB\"\n",
-            "wlan.password: psk is 5 characters long",
-        ),
-        (
-            "[user]\npassword = \"x\"\npassword_encrypted = true\n",
-            "user.password: password_hash must be a crypt(3) hash",
-        ),
-        (
-            "[ssh]\nauthorized_keys = [\"nope\"]\n",
-            "ssh.authorized_keys[0]: `nope` is not an SSH public key type",
-        ),
-        (
-            "[ssh]\nenabled = \"yes\"\n",
-            "/boot/firmware/custom.toml:2:11: ssh.enabled: invalid type",
-        ),
-        ("[locale]\nkeymap = \"de; rm\"\n", "locale.keymap"),
-        ("[system\n", "/boot/firmware/custom.toml:1:"),
+fn a_bad_custom_toml_is_warnings_and_the_node_comes_up() {
+    let n = pi_node(
+        "config_version = 1\n[system]\nhostname = \"bad_name\"\n[wlan]\ncountry = \"gb\"\n\
+         [locale]\nkeymap = \"en_US.UTF-8\"\ntimezone = \"Europe/London\"\n[ssh]\nenabled = \"yes\"\n\
+         ssh_import_id = [\"gh:someone\"]\n[extra]\nx = 1\n",
+    );
+    let (rep, lines, _) = n.boot();
+    assert_eq!(rep.error, None);
+    assert_eq!(rep.phase, Phase::Ready);
+    assert!(lines.last().unwrap().starts_with("clutch: phase=ready"));
+    // clutch.toml's settings are all still there.
+    assert!(
+        n.read("/home/admin/.ssh/authorized_keys")
+            .contains("me@laptop")
+    );
+    assert!(rep.plan.hostname.as_str().starts_with("node-"));
+    assert!(
+        n.read("/etc/modprobe.d/clutch-wifi-country.conf")
+            .contains("regdom=GB"),
+        "a lowercase country in a country-only [wlan] is the regulatory domain"
+    );
+    let w = n.status().warnings.join("\n");
+    for want in [
+        "/boot/firmware/custom.toml:3:12: system.hostname: `bad_name` is not a valid hostname",
+        "/boot/firmware/custom.toml:7:10: locale.keymap: `en_US.UTF-8` is not a keyboard layout",
+        "ssh.enabled: must be true or false, not string",
+        "ssh.ssh_import_id: keys are not fetched",
+        "extra: unknown section or key",
     ] {
-        let n = pi_node(custom);
+        assert!(w.contains(want), "`{want}` missing from:\n{w}");
+    }
+    assert!(!n.exists("/etc/default/keyboard"));
+    // Warnings stay visible at later boots, from the record.
+    n.reboot();
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready);
+    assert!(n.status().warnings.join("\n").contains("en_US.UTF-8"));
+}
+
+#[test]
+fn unparsable_boot_files_are_warnings_with_their_place() {
+    let n = pi_node_with(&[
+        ("custom.toml", "[system\n"),
+        ("user-data", "#cloud-config\nusers: [\n"),
+        (
+            "network-config",
+            "network:\n  version: 2\n  wifis: &a\n    x: *a\n",
+        ),
+    ]);
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
+    let w = n.status().warnings.join("\n");
+    assert!(w.contains("/boot/firmware/custom.toml:1:"), "{w}");
+    assert!(w.contains("/boot/firmware/user-data:3:"), "{w}");
+    assert!(w.contains("aliases"), "{w}");
+    assert!(
+        !n.exists("/boot/firmware/user-data"),
+        "applied (as far as it went) and removed"
+    );
+}
+
+/// The boot-partition files of `tests/inputs/<case>/` as real producers write them:
+/// applied on a Raspberry Pi node, the record they leave (`imported.toml`, with the
+/// warnings) is `tests/golden/inputs/<case>.toml`.
+#[test]
+fn boot_partition_inputs_match_golden() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inputs");
+    let mut cases: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 6, "{cases:?}");
+    for case in cases {
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        let files: Vec<(String, String)> = fs::read_dir(&case)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read_to_string(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let n = pi_node_with(&refs);
+        // The fake useradd makes no account: the users these files define are there.
+        write(
+            &n.paths.host("/etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\nadmin:x:1002:1002::/home/admin:/bin/bash\npi:x:1000:1000::/home/pi:/bin/bash\nbob:x:1001:1001::/home/bob:/bin/bash\n",
+        );
         let (rep, _, _) = n.boot();
-        assert_eq!(rep.phase, Phase::Failed, "{custom}");
-        let e = rep.error.unwrap();
-        assert!(
-            e.contains(want),
-            "{custom:?}: `{e}` should contain `{want}`"
+        assert_eq!(rep.error, None, "{name}");
+        assert_eq!(rep.phase, Phase::Ready, "{name}");
+        for (f, _) in &files {
+            assert!(
+                !n.exists(&format!("/boot/firmware/{f}")),
+                "{name}: {f} left on the card"
+            );
+        }
+        golden(
+            &format!("inputs/{name}.toml"),
+            &n.read("/var/lib/clutch/imported.toml"),
         );
     }
 }
 
 #[test]
-fn custom_toml_wlan_plain_passphrase_and_open_network() {
-    let n = pi_node("[wlan]\nssid = \"cafe\"\npassword = \"IEEE-password\"\ncountry = \"FR\"\n");
+fn custom_toml_hash_without_the_flag_is_a_hash() {
+    // Raspberry Pi OS reads `password_encrypted` as true when it is absent.
+    let yescrypt = "$y$j9T$Vh6qJ0z8Ff0q5R1zP3YxW/$3Ij4yC2m6m9m8m1yq6h0S6jXyU3mVt8yM3bV1v5rN8D";
+    let n = pi_node(&format!(
+        "[user]\nname = \"pi\"\npassword = \"{yescrypt}\"\n"
+    ));
     let (rep, _, _) = n.boot();
     assert_eq!(rep.error, None);
-    let wpa = n.read("/etc/wpa_supplicant/wpa_supplicant-wlan0.conf");
-    assert!(
-        wpa.contains("ssid=\"cafe\"")
-            && !wpa.contains("IEEE-password")
-            && wpa.contains("key_mgmt=WPA-PSK"),
-        "{wpa}"
-    );
+    assert!(n.read("/etc/shadow").contains(&format!("pi:{yescrypt}:")));
+}
 
-    let n = pi_node("[wlan]\nssid = \"open\"\ncountry = \"FR\"\n");
-    let (rep, _, _) = n.boot();
-    assert_eq!(rep.error, None);
+#[test]
+fn imager_cloud_init_user_logs_in_with_its_key_next_to_the_image_user() {
+    let n = pi_node_with(&[
+        ("meta-data", "instance-id: rpi-imager-1767225600000\n"),
+        (
+            "user-data",
+            &format!(
+                "#cloud-config\nhostname: garden\nmanage_etc_hosts: true\npackages:\n- avahi-daemon\n\n\
+                 user:\n  name: alice\n  shell: /bin/bash\n  lock_passwd: true\n  ssh_authorized_keys:\n    - \"{KEY}\"\n  sudo: ALL=(ALL) NOPASSWD:ALL\n\nssh_pwauth: false\n"
+            ),
+        ),
+    ]);
+    write(&n.paths.host("/etc/shadow"), "admin:!:20000:0:99999:7:::\n");
+    let (rep, _, calls) = n.boot();
+    assert_eq!(rep.plan.hostname.as_str(), "garden");
     assert!(
-        n.read("/etc/wpa_supplicant/wpa_supplicant-wlan0.conf")
-            .contains("key_mgmt=NONE")
+        calls.contains(
+            &"run useradd -R $ROOT -m -s /bin/bash --user-group --groups sudo alice".to_string()
+        ),
+        "{calls:#?}"
     );
+    // The fake useradd makes no passwd entry, so owning the keys fails visibly.
+    assert!(
+        rep.error
+            .unwrap()
+            .contains("user alice is not in /etc/passwd")
+    );
+    assert!(n.read("/etc/sudoers.d/clutch-alice").contains("NOPASSWD"));
 }
 
 #[test]
@@ -1391,12 +1551,12 @@ fn a_system_account_as_user_name_is_a_warning_and_nothing_is_touched() {
     let st = n.status();
     assert_eq!(st.warnings.len(), 1, "{:?}", st.warnings);
     assert!(
-        st.warnings[0].starts_with("user.name: `daemon` is a system account (uid 1)")
+        st.warnings[0].starts_with("user `daemon`: `daemon` is a system account (uid 1)")
             && st.warnings[0].ends_with("no user was created or changed"),
         "{}",
         st.warnings[0]
     );
-    assert!(st.human().contains("warning:  user.name: `daemon`"));
+    assert!(st.human().contains("warning:  user `daemon`: `daemon`"));
 }
 
 /// custom.toml naming the user like a base-system group (Raspberry Pi Imager lets anyone
@@ -1407,12 +1567,16 @@ fn custom_toml_user_named_like_a_group_gets_the_users_group() {
     let (rep, _, calls) = n.boot();
     assert!(
         calls.contains(
-            &"run useradd -R $ROOT -m -s /bin/bash --no-user-group --gid users operator"
+            &"run useradd -R $ROOT -m -s /bin/bash --no-user-group --gid users --groups sudo operator"
                 .to_string()
         ),
         "{calls:#?}"
     );
-    assert_eq!(rep.plan.user.as_deref(), Some("operator"));
+    assert_eq!(
+        rep.plan.user.as_deref(),
+        Some("admin"),
+        "the cluster tools' user stays clutch.toml's"
+    );
     // The fake useradd made no passwd entry, so owning the keys fails visibly.
     assert!(
         rep.error
@@ -1454,4 +1618,63 @@ fn an_unknown_time_zone_keeps_utc_and_never_dangles() {
     assert_eq!(rep.phase, Phase::Ready, "{:?}", rep.error);
     assert!(!n.exists("/etc/localtime"));
     assert_eq!(n.read("/etc/timezone"), "UTC\n");
+}
+
+/// A power cut after the secrets' bytes were overwritten on the card but before the
+/// stripped clutch.toml replaced it: the tombstones read as "moved", the stored copies are
+/// used, and the rewrite finishes.
+#[test]
+fn a_cut_between_overwrite_and_rewrite_loses_nothing() {
+    let hash = "$y$j9T$abcdefgh$0123456789abcdefghijklmnopqrstuvwxyzABCDEF";
+    let cfg = cluster_config().replace(
+        "name = \"admin\"\n",
+        &format!("name = \"admin\"\npassword_hash = \"{hash}\"\n"),
+    );
+    let n = Node::new(Some(&cfg));
+    let paths = &n.paths;
+    let loaded = crate::load::load(paths, &crate::load::read_sources(paths)).unwrap();
+    // Carry out the secrets step only up to the overwrite.
+    for a in &loaded.secret_actions {
+        if matches!(a, crate::plan::Action::WriteFile { path, .. } if path.starts_with("/boot")) {
+            break;
+        }
+        let step = crate::plan::Step {
+            name: "secrets".into(),
+            marker: false,
+            actions: vec![a.clone()],
+        };
+        let plan = crate::plan::Plan {
+            steps: vec![step],
+            ..crate::plan::plan_safe(
+                paths,
+                &crate::facts::Facts::default(),
+                &crate::plan::Fresh {
+                    node_id: "0".repeat(32),
+                    machine_id: "0".repeat(32),
+                },
+                None,
+            )
+        };
+        let out = crate::apply::apply(&plan, paths, &FakeSys::new());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+    }
+    let cut = n.read("/boot/efi/clutch.toml");
+    assert_eq!(cut.len(), cfg.len(), "overwritten in place");
+    assert!(!cut.contains(TOKEN) && !cut.contains(hash) && !cut.contains("correct horse"));
+    assert!(
+        cut.contains(&format!("token = \"{}\"", "*".repeat(TOKEN.len()))),
+        "{cut}"
+    );
+    assert_eq!(n.read("/var/lib/clutch/password-hash"), format!("{hash}\n"));
+    // Next boot.
+    let (rep, _, _) = n.boot();
+    assert_eq!(rep.phase, Phase::Discovering, "{:?}", rep.error);
+    assert_eq!(rep.plan.cluster.unwrap().1.expose(), TOKEN);
+    assert!(n.read("/etc/shadow").contains(&format!("admin:{hash}:")));
+    let fat = n.read("/boot/efi/clutch.toml");
+    assert!(
+        !fat.contains('*') && !fat.contains("token") && !fat.contains("password_hash"),
+        "{fat}"
+    );
+    assert_eq!(n.mode("/var/lib/clutch/password-hash"), 0o600);
 }

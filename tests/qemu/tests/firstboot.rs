@@ -11,6 +11,13 @@
 //! zone is `America/New_York`. The booted image's /etc/passwd and /etc/group are held
 //! against what `clutch check` knows, so check and build agree on the real image.
 //!
+//! Case A's card also carries what Raspberry Pi Imager and Raspberry Pi OS users put on the
+//! boot partition (a `custom.toml` with a hash and no `password_encrypted`, a locale as
+//! keymap and a country-only `[wlan]`; Imager 2.x's cloud-init `meta-data`, `user-data`
+//! and `network-config`): the node is `ready` with warnings, the cloud-init user logs in
+//! with its key, and after power-off the raw FAT partition holds no byte of the cluster
+//! token, the wifi keys or the password hashes.
+//!
 //! One image build and three boots in all (TCG: each boot costs a minute or more).
 
 use std::path::{Path, PathBuf};
@@ -26,6 +33,14 @@ const GIB: u64 = 1 << 30;
 const WIFI_PASSPHRASE: &str = "clutch-test-passphrase";
 /// The image's login user: a group of Debian's base system, not a user.
 const USER: &str = "operator";
+/// The image's cluster token: engine `none`, one node, so the node still comes to `ready`.
+const TOKEN: &str = "5f0c2a9e71d48b36e0a4c9d2f7b1186a3d5e9c0b2f4a6d8e1c3b5a7f9e0d2c4b";
+/// clutch.toml's password hash for the image user (moved off the card at first boot).
+const HASH: &str = "$y$j9T$clutchQemuSalt0$AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefg";
+/// custom.toml's user and hash (no `password_encrypted`: Raspberry Pi OS reads it as a hash).
+const KEEPER_HASH: &str = "$y$j9T$keeperSalt012345$QwErTyUiOpAsDfGhJkLzXcVbNm9876543210zyxwv";
+/// network-config's wifi passphrase (Imager writes the derived key; a person may not).
+const NET_PASSPHRASE: &str = "cloud-init-passphrase-42";
 
 /// [`ssh_as`] the image's user.
 fn ssh(port: u16, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
@@ -47,10 +62,14 @@ fn image() -> PathBuf {
                 "image-configs/amd64-vm.toml no longer has user admin and zone UTC:\n{t}"
             );
             let t = t
-                .replace("\nname = \"admin\"\n", &format!("\nname = \"{USER}\"\n"))
+                .replace(
+                    "\nname = \"admin\"\n",
+                    &format!("\nname = \"{USER}\"\npassword_hash = \"{HASH}\"\n"),
+                )
                 .replace("\ntimezone = \"UTC\"\n", "\ntimezone = \"America/New_York\"\n");
             format!(
-                "{t}\n[wifi]\nssid = \"clutch-test\"\npsk = \"{WIFI_PASSPHRASE}\"\ncountry = \"GB\"\n"
+                "{t}\n[wifi]\nssid = \"clutch-test\"\npsk = \"{WIFI_PASSPHRASE}\"\ncountry = \"GB\"\n\n\
+                 [cluster]\nname = \"solo\"\nengine = \"none\"\ntoken = \"{TOKEN}\"\nexpected_size = 1\n"
             )
         });
         build_image(&cfg, "raw").expect("build the firstboot test image")
@@ -118,7 +137,57 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     );
     assert!(!built_fat.contains(WIFI_PASSPHRASE));
 
-    let disk = overlay(&img, "firstboot-a", Some("6G")).unwrap();
+    // The card as a Raspberry Pi Imager / Raspberry Pi OS user leaves it.
+    let card = artifacts().join("firstboot-a.img");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&img)
+        .arg(&card)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let key = ssh_key().public_line.clone();
+    let inputs = [
+        (
+            "custom.toml",
+            format!(
+                "config_version = 1\n\n[user]\nname = \"keeper\"\npassword = \"{KEEPER_HASH}\"\n\n\
+                 [wlan]\ncountry = \"gb\"\n\n[locale]\nkeymap = \"en_US.UTF-8\"\n"
+            ),
+        ),
+        (
+            "meta-data",
+            "instance-id: rpi-imager-1767225600000\n".to_string(),
+        ),
+        (
+            "user-data",
+            format!(
+                "#cloud-config\nmanage_etc_hosts: true\nuser:\n  name: cloudy\n  shell: /bin/bash\n  lock_passwd: true\n  \
+                 ssh_authorized_keys:\n    - \"{key}\"\n  sudo: ALL=(ALL) NOPASSWD:ALL\nssh_pwauth: false\n"
+            ),
+        ),
+        (
+            "network-config",
+            format!(
+                "network:\n  version: 2\n  wifis:\n    wlan0:\n      dhcp4: true\n      regulatory-domain: \"GB\"\n      \
+                 access-points:\n        \"cloud-net\":\n          hidden: true\n          password: \"{NET_PASSPHRASE}\"\n      optional: true\n"
+            ),
+        ),
+    ];
+    for (name, text) in &inputs {
+        let f = artifacts().join(format!("firstboot-a-{name}"));
+        std::fs::write(&f, text).unwrap();
+        mtools(&[
+            "mcopy",
+            "-o",
+            "-i",
+            &fat(&card),
+            f.to_str().unwrap(),
+            &format!("::/{name}"),
+        ]);
+    }
+    assert!(fat_clutch_toml(&card).contains(TOKEN));
+    let disk = overlay(&card, "firstboot-a", Some("6G")).unwrap();
     let port = free_port();
     let opts = |name: &str| VmOpts {
         name: name.into(),
@@ -133,14 +202,15 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     let boot = Instant::now();
     let mut vm = Vm::start(opts("firstboot-a")).unwrap();
     let line = final_phase_line(&mut vm);
-    eprintln!(
-        "first boot: `{line}` {:.0}s after power on",
-        boot.elapsed().as_secs_f64()
-    );
     assert_with_console(
         &vm,
-        line.starts_with("clutch: phase=ready host=node-") && line.contains("role=none"),
-        &format!("expected phase=ready, got `{line}`"),
+        line.starts_with("clutch: phase=discovering host=node-"),
+        &format!("expected phase=discovering (a one-node cluster), got `{line}`"),
+    );
+    vm.wait_for("clutch: phase=ready host=node-", BOOT).unwrap();
+    eprintln!(
+        "first boot: phase=ready {:.0}s after power on",
+        boot.elapsed().as_secs_f64()
     );
     vm.wait_for("login:", BOOT).unwrap();
     eprintln!(
@@ -217,6 +287,8 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
         &ssh(port, "cat /etc/group", SSH).unwrap(),
     );
 
+    boot_partition_inputs_were_applied(port);
+
     // Secrets: nowhere on the FAT partition, in /var/lib/clutch with mode 0600.
     let secrets = kv(&ssh(
         port,
@@ -259,7 +331,11 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     assert_eq!(kv_get(&secrets, "stored_mode"), "600");
     assert_eq!(kv_get(&secrets, "state_dir_mode"), "700");
     assert_eq!(kv_get(&secrets, "wpa_mode"), "600");
-    assert_eq!(kv_get(&secrets, "wpa_has_key"), "1");
+    assert_eq!(
+        kv_get(&secrets, "wpa_has_key"),
+        "0",
+        "network-config's network replaced clutch.toml's"
+    );
 
     // Measurements for the issue note (not asserted: TCG timing varies a lot).
     let m = kv(&ssh(
@@ -303,9 +379,11 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
     );
     assert_with_console(
         &vm,
-        line.starts_with(&format!("clutch: phase=ready host={host} ")),
-        &format!("expected phase=ready host={host}, got `{line}`"),
+        line.starts_with(&format!("clutch: phase=discovering host={host} ")),
+        &format!("expected phase=discovering host={host}, got `{line}`"),
     );
+    vm.wait_for(&format!("clutch: phase=ready host={host} "), BOOT)
+        .unwrap();
     let again = kv(&ssh(port, NODE_FACTS, SSH).unwrap());
     for k in ["hostname", "node_id", "machine_id", "data0_backing"] {
         assert_eq!(
@@ -333,7 +411,103 @@ fn first_boot_configures_the_node_and_a_power_cycle_keeps_it() {
             / 1e6,
         m2.get("MemoryPeak").map(String::as_str).unwrap_or("?"),
     );
+    // Power off, then read the FAT partition as the disk holds it.
+    ssh(port, "sudo systemctl --no-block poweroff", SSH).unwrap();
+    vm.wait_exit(Duration::from_secs(240)).unwrap();
+    drop(vm);
+    no_secret_on_the_raw_fat(&disk, &psk_hex);
     eprintln!("case A took {:.0}s", t0.elapsed().as_secs_f64());
+}
+
+/// The boot-partition files of case A's card, as applied at first boot.
+fn boot_partition_inputs_were_applied(port: u16) {
+    let k = kv(&ssh(
+        port,
+        "echo keeper_hash=$(sudo awk -F: '$1==\"keeper\"{print $2}' /etc/shadow)\n\
+         echo keeper_sudo=$(sudo -l -U keeper 2>/dev/null | grep -c NOPASSWD)\n\
+         echo left=$(sudo ls /boot/efi | grep -cE '^(custom.toml|user-data|meta-data|network-config)$' || true)\n\
+         echo report=$(sudo grep -c '^phase: ' /boot/efi/clutch-status.txt)\n\
+         echo regdom=$(cat /etc/modprobe.d/clutch-wifi-country.conf | grep -c 'regdom=GB')\n\
+         echo wpa_ssid=$(sudo grep -c 'ssid=\"cloud-net\"' /etc/wpa_supplicant/wpa_supplicant-wlan0.conf)\n\
+         echo record_mode=$(sudo stat -c %a /var/lib/clutch/imported.toml)\n\
+         echo warned=$(grep -c 'en_US.UTF-8' /run/clutch/status.json)\n",
+        SSH,
+    )
+    .unwrap());
+    eprintln!("boot-partition inputs: {k:?}");
+    assert_eq!(
+        kv_get(&k, "keeper_hash"),
+        KEEPER_HASH,
+        "custom.toml's hash without password_encrypted"
+    );
+    assert_eq!(kv_get(&k, "left"), "0", "applied once and removed");
+    assert_eq!(
+        kv_get(&k, "report"),
+        "1",
+        "clutch-status.txt on the FAT partition"
+    );
+    assert_eq!(kv_get(&k, "regdom"), "1", "country-only [wlan], lower case");
+    assert_eq!(kv_get(&k, "wpa_ssid"), "1", "network-config's access point");
+    assert_eq!(kv_get(&k, "record_mode"), "600");
+    assert_eq!(
+        kv_get(&k, "warned"),
+        "1",
+        "the locale given as keymap is a warning"
+    );
+    // The cloud-init user logs in with its key and has passwordless sudo.
+    let who = ssh_as(port, "cloudy", "id -un; sudo -n id -un", SSH).unwrap();
+    assert_eq!(
+        who.split_whitespace().collect::<Vec<_>>(),
+        ["cloudy", "root"],
+        "{who}"
+    );
+}
+
+/// No byte of a secret on the FAT partition of the powered-off disk (`grep -c` on the raw
+/// partition): the token, both wifi keys, the passphrase and both password hashes.
+fn no_secret_on_the_raw_fat(disk: &Path, psk_hex: &str) {
+    let raw = artifacts().join("firstboot-a-after.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let esp = artifacts().join("firstboot-a-esp.img");
+    let st = Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", esp.display()))
+        .args(["bs=1M", "skip=1", "count=256", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&esp).unwrap();
+    let cloud_key = clutch_config::WifiPsk::try_from(NET_PASSPHRASE.to_string())
+        .unwrap()
+        .hex_key("cloud-net");
+    let mut found = Vec::new();
+    for (what, s) in [
+        ("cluster token", TOKEN),
+        ("clutch.toml wifi key", psk_hex),
+        ("clutch.toml password hash", HASH),
+        ("custom.toml password hash", KEEPER_HASH),
+        ("network-config passphrase", NET_PASSPHRASE),
+        ("network-config wifi key", cloud_key.as_str()),
+    ] {
+        let hits = bytes
+            .windows(s.len())
+            .filter(|w| *w == s.as_bytes())
+            .count();
+        eprintln!("raw FAT partition: {hits} copies of the {what}");
+        if hits > 0 {
+            found.push(what);
+        }
+    }
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&esp);
+    assert!(found.is_empty(), "still on the FAT partition: {found:?}");
+    // The partition is still clean for fsck.
 }
 
 /// `clutch check` (which has no root filesystem) knows every system account of the real

@@ -173,8 +173,11 @@ fn boot_checks(
         "one line: {cmdline:?}"
     );
     let args: Vec<&str> = cmdline.split_whitespace().collect();
+    // The header UART under the upstream device trees (serial0 there is Bluetooth's PL011).
+    assert!(!cmdline.contains("serial0"), "{cmdline}");
     for a in [
-        "console=serial0,115200",
+        "console=ttyS1,115200",
+        "console=tty0",
         "rootwait",
         "net.ifnames=0",
         "cgroup_enable=memory",
@@ -246,19 +249,55 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
         fw.contains(&format!("ROOTPART=\"PARTUUID={}-02\"", t.id)),
         "{fw}"
     );
+    assert!(fw.contains("CONSOLES=\"tty0 ttyS1,115200\""), "{fw}");
+    assert!(fw.contains("GPU_FREQ=360"), "{fw}");
     let extra = debugfs(&root, "cat /etc/default/raspi-extra-cmdline");
     assert!(
         extra.contains("cgroup_enable=memory cgroup_memory=1"),
         "{extra}"
     );
+    // The hook appends this to the config.txt it writes: CM4 and Pi 400 keep their trees.
+    let custom = debugfs(&root, "cat /etc/default/raspi-firmware-custom");
+    for l in [
+        "device_tree=bcm2711-rpi-cm4-io.dtb",
+        "device_tree=bcm2711-rpi-400.dtb",
+    ] {
+        assert!(custom.lines().any(|x| x == l), "{custom}");
+    }
+    // One copy of the kernel and initramfs: /boot links to bootfs's.
+    let boot = debugfs(&root, "ls -l /boot");
+    eprintln!("rpi4 /boot:\n{boot}");
+    for f in ["vmlinuz-", "initrd.img-"] {
+        let line = boot
+            .lines()
+            .find(|l| l.contains(f))
+            .unwrap_or_else(|| panic!("no {f} in /boot:\n{boot}"));
+        assert!(
+            line.trim_start().contains("120777"),
+            "{f} is not a link: {line}"
+        );
+    }
+    // Other SoCs' device trees and unused firmware variants are left out.
+    let dtbs = debugfs(&root, "ls /usr/lib");
+    assert!(dtbs.contains("linux-image-"), "{dtbs}");
+    let fwdir = debugfs(&root, "ls /usr/lib/raspi-firmware");
+    assert!(
+        fwdir.contains("start4.elf") && !fwdir.contains("start4x.elf"),
+        "{fwdir}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Sizes for the record.
+    // Sizes for the record; the compressed image stays at most 200 MB.
     let raw = std::fs::metadata(img).unwrap().len();
     let zst = std::fs::metadata(img.with_extension("img.zst"))
         .unwrap()
         .len();
-    eprintln!("rpi4 image: raw {} MiB, zst {} MiB", raw >> 20, zst >> 20);
+    eprintln!(
+        "rpi4 image: raw {} MiB, zst {} MiB ({zst} bytes)",
+        raw >> 20,
+        zst >> 20
+    );
+    assert!(zst <= 200_000_000, "rpi4.img.zst is {zst} bytes");
     // The board's [imager]: a Raspberry Pi Imager entry for the Pi 4, pointing at the zst.
     let imager: serde_json::Value = serde_json::from_slice(
         &std::fs::read(img.with_extension("rpi-imager.json")).expect("rpi-imager.json"),
@@ -271,6 +310,26 @@ fn rpi4_sd_card_image_is_laid_out_checked_and_boots() {
         "{imager}"
     );
     assert_eq!(entry["image_download_size"], zst, "{imager}");
+    let zst_name = img.with_extension("img.zst");
+    let zst_name = zst_name.file_name().unwrap().to_string_lossy();
+    assert_eq!(
+        entry["url"], *zst_name,
+        "relative to the JSON file: {imager}"
+    );
+    assert_eq!(entry["init_format"], "cloudinit-rpi", "{imager}");
+    assert_eq!(
+        imager["imager"]["devices"][0]["tags"],
+        serde_json::json!(["pi4-64bit"])
+    );
+    // Raspberry Pi Imager's own schema (committed with the builder's tests).
+    let schema = workspace().join("builder/tests/fixtures/rpi-imager/os-list-schema.json");
+    run(Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys,jsonschema\njsonschema.validate(json.load(open(sys.argv[2])),json.load(open(sys.argv[1])),cls=jsonschema.Draft7Validator)",
+        ])
+        .arg(&schema)
+        .arg(img.with_extension("rpi-imager.json")));
 
     // Boot the image's own kernel and initramfs on `virt`: the same root=PARTUUID, the
     // serial console on the PL011 instead of the Pi's `serial0` alias.
