@@ -280,11 +280,25 @@ pub enum Response {
 /// add`, certificate signing).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a request the peer answers from memory (status, vote, release) may take: one
+/// sent into a link that went dark must fail in time for the next election round, not
+/// wait out TCP's retransmissions.
+pub const QUICK_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// Sends a request and waits for its response.
     pub async fn request(&mut self, req: &Request) -> Result<Response, WireError> {
+        self.request_within(req, REQUEST_TIMEOUT).await
+    }
+
+    /// Sends a request and waits at most `timeout` for its response.
+    pub async fn request_within(
+        &mut self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, WireError> {
         self.send(req).await?;
-        self.recv(REQUEST_TIMEOUT).await
+        self.recv(timeout).await
     }
 }
 

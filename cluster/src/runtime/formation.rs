@@ -14,7 +14,7 @@ use crate::election::{self, Backoff, Decision, Election, PeerView, Rules, View};
 use crate::engine::{Admission, JoinInfo, Joiner};
 use crate::id::{InstanceId, NodeId, Phase, Role};
 use crate::state::Membership;
-use crate::wire::{Bootstrap, MemberInfo, MemberList, Request, Response};
+use crate::wire::{Bootstrap, MemberInfo, MemberList, QUICK_TIMEOUT, Request, Response};
 
 fn views(sh: &Shared) -> BTreeMap<NodeId, PeerView> {
     sh.st
@@ -111,11 +111,15 @@ async fn gather_votes(sh: &Arc<Shared>, set: &[NodeId]) -> Result<Vec<MemberInfo
                         return Err(crate::wire::WireError::Unexpected);
                     }
                     let key = *c.peer_key();
-                    let status = match c.request(&Request::Status).await? {
+                    let status = match c.request_within(&Request::Status, QUICK_TIMEOUT).await? {
                         Response::Status(s) => *s,
                         _ => return Err(crate::wire::WireError::Unexpected),
                     };
-                    Ok((c.request(&Request::Vote).await?, status, key))
+                    Ok((
+                        c.request_within(&Request::Vote, QUICK_TIMEOUT).await?,
+                        status,
+                        key,
+                    ))
                 }
                 .await;
                 (id, addr, r)
@@ -163,7 +167,7 @@ async fn release(sh: &Arc<Shared>, to: &[(NodeId, SocketAddr)]) {
     for (id, addr) in to {
         let r = async {
             let mut c = sh.connect(*addr).await?;
-            c.request(&Request::Release).await
+            c.request_within(&Request::Release, QUICK_TIMEOUT).await
         }
         .await;
         if let Err(e) = r {
