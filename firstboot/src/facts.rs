@@ -144,7 +144,9 @@ impl Default for Facts {
     }
 }
 
-pub const HOST_KEY_TYPES: [&str; 3] = ["rsa", "ecdsa", "ed25519"];
+/// The host key types a node has. No RSA: its key takes seconds of a Pi's (and a TCG
+/// guest's) first boot, and every client clutch targets speaks Ed25519 and ECDSA.
+pub const HOST_KEY_TYPES: [&str; 2] = ["ed25519", "ecdsa"];
 
 fn read_trim(p: &Path) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())

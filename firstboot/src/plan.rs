@@ -292,25 +292,27 @@ fn identity(
         ));
     }
     if !facts.missing_host_keys.is_empty() {
-        // A key without its other half (power cut during ssh-keygen) is removed so that
-        // `ssh-keygen -A` makes the pair again.
-        for t in crate::facts::HOST_KEY_TYPES {
-            let key = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key"));
-            let key_pub = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key.pub"));
-            let missing = |p: &Path| facts.missing_host_keys.iter().any(|m| m == p);
-            if missing(&key) != missing(&key_pub) {
-                a.push(remove(key));
-                a.push(remove(key_pub));
-            }
-        }
         a.push(Action::MkDir {
             path: "/etc/ssh".into(),
             mode: 0o755,
             owner: Owner::Root,
         });
-        a.push(Action::Run(
-            Cmd::new("ssh-keygen", &["-A", "-f"]).arg_path(&paths.root),
-        ));
+        // A key without its other half (power cut during ssh-keygen) is removed and made
+        // again; `ssh-keygen -A` is not used, as it would add an RSA key.
+        for t in crate::facts::HOST_KEY_TYPES {
+            let key = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key"));
+            let key_pub = PathBuf::from(format!("/etc/ssh/ssh_host_{t}_key.pub"));
+            let missing = |p: &Path| facts.missing_host_keys.iter().any(|m| m == p);
+            if !missing(&key) && !missing(&key_pub) {
+                continue;
+            }
+            a.push(remove(key.clone()));
+            a.push(remove(key_pub));
+            a.push(Action::Run(
+                Cmd::new("ssh-keygen", &["-q", "-t", t, "-N", "", "-f"])
+                    .arg_path(&paths.host(&key)),
+            ));
+        }
     }
     // The node id is on disk (durably) from here on: a power cut now must bring the node back
     // with the same id, and the host name made from it.

@@ -46,7 +46,8 @@ pub fn hosts_file(existing: Option<&str>, h: &Hostname, fqdn: Option<&str>) -> S
 pub fn sshd_dropin(ssh: &Ssh) -> String {
     let yn = |b: bool| if b { "yes" } else { "no" };
     format!(
-        "{HEADER}PasswordAuthentication {}\nKbdInteractiveAuthentication {}\nPermitRootLogin no\n",
+        "{HEADER}PasswordAuthentication {}\nKbdInteractiveAuthentication {}\nPermitRootLogin no\n\
+         HostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n",
         yn(ssh.password_authentication),
         yn(ssh.password_authentication)
     )

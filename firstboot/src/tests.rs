@@ -204,7 +204,9 @@ fn first_boot_without_cluster_reaches_ready() {
     );
     assert!(calls.contains(&format!("sethostname {host}")));
     assert!(
-        calls.contains(&"run ssh-keygen -A -f $ROOT".to_string()),
+        calls.contains(
+            &"run ssh-keygen -q -t ed25519 -N  -f $ROOT/etc/ssh/ssh_host_ed25519_key".to_string()
+        ),
         "{calls:#?}"
     );
     // user + ssh
@@ -463,7 +465,9 @@ fn assert_failed_but_safe(n: &Node, rep: &Report, calls: &[String], lines: &[Str
     assert_eq!(st.error.as_deref(), Some(e.as_str()));
     // Safe steps ran: sshd can start with the baked-in keys, machine-id is there.
     assert!(
-        calls.contains(&"run ssh-keygen -A -f $ROOT".to_string()),
+        calls.contains(
+            &"run ssh-keygen -q -t ed25519 -N  -f $ROOT/etc/ssh/ssh_host_ed25519_key".to_string()
+        ),
         "{calls:#?}"
     );
     assert!(crate::facts::is_node_id(n.read("/etc/machine-id").trim()));
@@ -1219,8 +1223,17 @@ fn half_written_host_key_pair_is_regenerated() {
         !n.exists("/etc/ssh/ssh_host_ed25519_key"),
         "orphan private key removed"
     );
-    assert!(n.exists("/etc/ssh/ssh_host_rsa_key"), "complete pairs kept");
-    assert!(calls.contains(&"run ssh-keygen -A -f $ROOT".to_string()));
+    assert!(
+        n.exists("/etc/ssh/ssh_host_ecdsa_key"),
+        "complete pairs kept"
+    );
+    assert!(calls.contains(
+        &"run ssh-keygen -q -t ed25519 -N  -f $ROOT/etc/ssh/ssh_host_ed25519_key".to_string()
+    ));
+    assert!(
+        !calls.iter().any(|c| c.contains("-t ecdsa")),
+        "the complete ECDSA pair is not made again: {calls:#?}"
+    );
 }
 
 #[test]
