@@ -379,6 +379,7 @@ fn three_vms_form_an_etcd_cluster() {
         }
     }
     outsider_gets_nothing(&lab);
+    token_gone_from_the_fat(&lab, &cfg);
     // Written on one, read on another; the power-cut node reads and writes too.
     lab.ssh(0, "etcdctl put clutch/lab written-on-node0", ssh_wait)
         .unwrap();
@@ -539,6 +540,34 @@ fn outsider_gets_nothing(lab: &Lab) {
     assert_eq!(member_lines(&list).len(), 3, "{list}");
     assert!(!list.contains("intruder"), "{list}");
     eprintln!("from the lab network without certificates: no read, write or join on 2379/2380");
+}
+
+/// The cluster token was in the image's clutch.toml on the FAT partition; after first boot
+/// it is in /var/lib/clutch only: not in the file, and not in the partition's freed clusters
+/// either (firstboot overwrites it in place before the file is rewritten).
+fn token_gone_from_the_fat(lab: &Lab, cfg: &Path) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("the lab config has an inline token");
+    for i in 0..lab.nodes.len() {
+        let script = format!(
+            "set -e; devs=$(blkid -t TYPE=vfat -o device); test -n \"$devs\"; \
+             for d in $devs; do printf '%s %s\\n' $d $(grep -c -a -F {token} $d || true); done"
+        );
+        let out = lab.ssh(i, &script, Duration::from_secs(60)).unwrap();
+        let counts: Vec<&str> = out.lines().filter_map(|l| l.split(' ').nth(1)).collect();
+        assert!(
+            !counts.is_empty() && counts.iter().all(|c| *c == "0"),
+            "node {i}: the token is still on a FAT partition (device count):\n{out}"
+        );
+        eprintln!(
+            "node {i}: token on the raw FAT partition(s): {}",
+            out.trim()
+        );
+    }
 }
 
 /// The recipe's `clutch lab up CONFIG --nodes N --build --wait ready`, run from the artifacts
