@@ -48,6 +48,9 @@ pub struct Board {
     /// the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imager: Option<Imager>,
+    /// How images with `[update]` hold two root slots; a board without it cannot update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ab: Option<crate::update::AbBoard>,
 }
 
 /// `[imager]` in a board file.
@@ -103,6 +106,10 @@ pub struct BootFile {
     /// Leave the file out instead of failing when it is missing.
     #[serde(default)]
     pub optional: bool,
+    /// On A/B images (`[ab]`), the file belongs to a root slot's boot files (kernel,
+    /// initrd, device trees) rather than to the shared boot partition.
+    #[serde(default)]
+    pub slot: bool,
 }
 
 /// A text file a board renders: `path` is relative on the boot partition (`boot.templates`)
@@ -112,6 +119,9 @@ pub struct BootFile {
 pub struct BootTemplate {
     pub path: String,
     pub content: String,
+    /// On A/B images, the file belongs to a root slot (`cmdline.txt`).
+    #[serde(default)]
+    pub slot: bool,
 }
 
 /// What a board template may hold: `{cmdline}` (the whole kernel command line),
@@ -190,6 +200,17 @@ impl Board {
                 "boot.kind",
                 "an `esp` boot partition needs partition_table = \"gpt\"",
             ));
+        }
+        if let Some(ab) = &self.ab {
+            ab.validate()?;
+            if ab.scheme == crate::update::AbScheme::SystemdBoot
+                && self.partition_table != PartitionTable::Gpt
+            {
+                return Err(Invalid::new(
+                    "ab.scheme",
+                    "scheme = \"systemd-boot\" needs partition_table = \"gpt\" (systemd-sysupdate finds slots by GPT type and label)",
+                ));
+            }
         }
         for (i, f) in self.boot.files.iter().enumerate() {
             if !f.from.starts_with('/') {
