@@ -331,14 +331,16 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     }
     let ab_staged = match &ab {
         Some(plan) => Some(crate::update::image::prepare(
-            &staging,
-            &work,
-            plan,
-            &cfg,
-            &board,
-            &data.0.join("firstboot"),
-            &node_config_toml(&cfg)?,
-            &root_uuid,
+            &crate::update::image::PrepareInputs {
+                staging: &staging,
+                work_parent: &work,
+                plan,
+                cfg: &cfg,
+                board: &board,
+                unit_dir: &data.0.join("firstboot"),
+                node_config: &node_config_toml(&cfg)?,
+                mbr_root: &root_uuid,
+            },
         )?),
         None => None,
     };
@@ -367,13 +369,15 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let ab_disk = match &ab_staged {
         Some(s) => Some(crate::update::image::build_disk(
             &raw_tmp,
-            &staging,
             s,
-            &board,
-            cfg.image.size,
-            &ids,
-            &seed,
-            usage,
+            &crate::update::image::DiskInputs {
+                staging: &staging,
+                board: &board,
+                size: cfg.image.size,
+                ids: &ids,
+                seed: &seed,
+                usage,
+            },
         )?),
         None => None,
     };

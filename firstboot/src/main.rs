@@ -37,6 +37,20 @@ enum Command {
     },
     /// Print what `run` would do, without doing it.
     Plan,
+    /// Look for a newer signed release at `[update] source` (A/B images). With --now:
+    /// download and check it, write the inactive root slot, reboot into it; it is
+    /// committed once the node is ready again, else rolled back.
+    Update {
+        /// Apply the newest release now (without: only say whether one is offered).
+        #[arg(long)]
+        now: bool,
+        /// Boot the other slot's release again and never retry this one.
+        #[arg(long, conflicts_with = "now")]
+        rollback: bool,
+        /// At boot (clutch-update-health.service): commit or roll back a release on trial.
+        #[arg(long, hide = true, conflicts_with_all = ["now", "rollback"])]
+        health: bool,
+    },
 }
 
 fn boot_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
@@ -132,6 +146,20 @@ fn real_main(cli: Cli) -> Result<()> {
                 print!("{}", s.human());
             }
             Ok(())
+        }
+        Command::Update {
+            now,
+            rollback,
+            health,
+        } => {
+            use clutch_firstboot::update::cli::{Mode, main};
+            let mode = match (now, rollback, health) {
+                (_, _, true) => Mode::Health,
+                (_, true, _) => Mode::Rollback,
+                (true, _, _) => Mode::Now,
+                _ => Mode::Check,
+            };
+            std::process::exit(main(&paths, mode))
         }
         Command::Plan => {
             let loaded =

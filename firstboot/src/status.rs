@@ -43,6 +43,14 @@ pub struct Status {
     /// empty. Beyond SPEC's keys, for people asking "why is it stuck".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub waiting: String,
+    /// The running release and root slot (A/B images; empty otherwise).
+    #[serde(default)]
+    pub release: String,
+    #[serde(default)]
+    pub slot: String,
+    /// Updates (A/B images): see [`crate::update::state::UpdateStatus`].
+    #[serde(default)]
+    pub update: Option<crate::update::state::UpdateStatus>,
 }
 
 impl Default for Status {
@@ -58,6 +66,9 @@ impl Default for Status {
             warnings: Vec::new(),
             error: None,
             waiting: String::new(),
+            release: String::new(),
+            slot: String::new(),
+            update: None,
         }
     }
 }
@@ -255,7 +266,12 @@ impl StatusSink for StatusBoard {
 }
 
 pub fn write_status(path: &Path, s: &Status) -> io::Result<()> {
-    let mut json = serde_json::to_vec_pretty(s).map_err(io::Error::other)?;
+    // `clutch-firstboot update` runs in another process: take its part from update.json.
+    let mut s = s.clone();
+    if let Some(live) = crate::update::state::Live::load(&path.with_file_name("update.json")) {
+        crate::update::merge(&mut s, &live);
+    }
+    let mut json = serde_json::to_vec_pretty(&s).map_err(io::Error::other)?;
     json.push(b'\n');
     fsx::write_atomic(path, &json, 0o644)
 }

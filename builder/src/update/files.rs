@@ -246,12 +246,12 @@ mod tests {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden/update")
             .join(name);
-        if std::env::var_os("CLUTCH_BLESS").is_some() {
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, got).unwrap();
         }
         let want = std::fs::read_to_string(&p)
-            .unwrap_or_else(|e| panic!("{}: {e} (CLUTCH_BLESS=1 writes it)", p.display()));
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", p.display()));
         assert_eq!(got, want, "{name} differs from its golden file");
     }
 

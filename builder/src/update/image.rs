@@ -270,6 +270,11 @@ pub fn boot_files(
             }
             b.shared.push(clutch_toml);
             b.slot = slot_files.into_iter().chain(slot_templates).collect();
+            // Which release a folder holds, for `clutch-firstboot update --rollback`.
+            b.slot.push(FatFile {
+                path: "release".into(),
+                data: format!("{r}\n").into_bytes(),
+            });
             for f in &mut b.slot {
                 f.path = format!("{folder}/{}", f.path);
             }
@@ -365,18 +370,6 @@ pub fn assemble(image: &Path, inp: &AssembleInputs<'_>) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timer_follows_the_check_setting() {
-        let t = timer_unit("daily");
-        assert!(t.contains("\nOnCalendar=daily\n"), "{t}");
-        assert!(t.contains("WantedBy=timers.target"));
-    }
-}
-
 /// The A/B state of a build between staging and the outputs.
 pub struct AbStaged {
     pub plan: AbPlan,
@@ -388,18 +381,26 @@ pub struct AbStaged {
     pub work: tempfile::TempDir,
 }
 
+/// What [`prepare`] needs from the build.
+pub struct PrepareInputs<'a> {
+    pub staging: &'a Path,
+    /// Where scratch folders go (the build's work folder).
+    pub work_parent: &'a Path,
+    pub plan: &'a AbPlan,
+    pub cfg: &'a ImageConfig,
+    pub board: &'a Board,
+    /// The folder holding the update units (`firstboot/` of the data dir).
+    pub unit_dir: &'a Path,
+    /// clutch.toml's text.
+    pub node_config: &'a str,
+    /// The MBR PARTUUID of slot a's root (`os-prefix`).
+    pub mbr_root: &'a str,
+}
+
 /// After staging: the slot's files, the data tree, the boot files.
-pub fn prepare(
-    staging: &Path,
-    work_parent: &Path,
-    plan: &AbPlan,
-    cfg: &ImageConfig,
-    board: &Board,
-    unit_dir: &Path,
-    node_config: &str,
-    mbr_root: &str,
-) -> Result<AbStaged> {
-    let key_file = plan
+pub fn prepare(i: &PrepareInputs<'_>) -> Result<AbStaged> {
+    let key_file = i
+        .plan
         .update
         .signing_key_file
         .as_deref()
@@ -407,22 +408,22 @@ pub fn prepare(
     let public = super::key::ReleaseKey::load(key_file)?.public_pem()?;
     let data_tree = tempfile::Builder::new()
         .prefix("data-")
-        .tempdir_in(work_parent)?;
+        .tempdir_in(i.work_parent)?;
     let work = tempfile::Builder::new()
         .prefix("ab-")
-        .tempdir_in(work_parent)?;
+        .tempdir_in(i.work_parent)?;
     stage(
-        staging,
+        i.staging,
         &data_tree.path().join("t"),
-        plan,
-        board,
+        i.plan,
+        i.board,
         &public,
-        unit_dir,
+        i.unit_dir,
     )?;
-    let vars = template_vars(cfg, board, plan, mbr_root);
-    let boot = boot_files(staging, board, plan, &vars, node_config)?;
+    let vars = template_vars(i.cfg, i.board, i.plan, i.mbr_root);
+    let boot = boot_files(i.staging, i.board, i.plan, &vars, i.node_config)?;
     Ok(AbStaged {
-        plan: plan.clone(),
+        plan: i.plan.clone(),
         vars,
         boot,
         data_tree,
@@ -438,26 +439,29 @@ pub struct AbDisk {
     pub slot_boot: Option<std::path::PathBuf>,
 }
 
-/// Writes the A/B disk into `image` from the staged tree (`usage`: its size in bytes).
-pub fn build_disk(
-    image: &Path,
-    staging: &Path,
-    s: &AbStaged,
-    board: &Board,
-    size: clutch_config::ImageSize,
-    ids: &disk::Ids,
-    seed: &str,
-    usage: u64,
-) -> Result<AbDisk> {
-    let root_bytes = disk::ext4_size_for(usage, board.root.headroom.bytes()) / 4096 * 4096;
-    let layout = super::layout(board, &s.plan, size, root_bytes)?;
+/// What [`build_disk`] needs from the build.
+pub struct DiskInputs<'a> {
+    pub staging: &'a Path,
+    pub board: &'a Board,
+    pub size: clutch_config::ImageSize,
+    pub ids: &'a disk::Ids,
+    pub seed: &'a str,
+    /// Bytes the staged tree occupies.
+    pub usage: u64,
+}
+
+/// Writes the A/B disk into `image` from the staged tree.
+pub fn build_disk(image: &Path, s: &AbStaged, i: &DiskInputs<'_>) -> Result<AbDisk> {
+    let board = i.board;
+    let root_bytes = disk::ext4_size_for(i.usage, board.root.headroom.bytes()) / 4096 * 4096;
+    let layout = super::layout(board, &s.plan, i.size, root_bytes)?;
     let root_fs = s.work.path().join("root.ext4");
     root_fs_image(
-        staging,
+        i.staging,
         &root_fs,
         root_bytes,
         &board.root.label,
-        &ids.root_fs_uuid,
+        &i.ids.root_fs_uuid,
     )?;
     if let Some(epoch) = crate::manifest::source_date_epoch_env() {
         crate::repro::fix_ext4_times(&root_fs, 0, epoch)?;
@@ -466,7 +470,7 @@ pub fn build_disk(
         AbScheme::Tryboot => {
             let p = s.work.path().join("boot.vfat");
             let size = layout.part(Role::SlotBoot(Slot::A)).extent.size;
-            slot_boot_image(&p, size, "boot-a", ids.fat_volume_id ^ 0xa, &s.boot.slot)?;
+            slot_boot_image(&p, size, "boot-a", i.ids.fat_volume_id ^ 0xa, &s.boot.slot)?;
             Some(p)
         }
         _ => None,
@@ -477,8 +481,8 @@ pub fn build_disk(
             board,
             plan: &s.plan,
             layout: &layout,
-            ids,
-            seed,
+            ids: i.ids,
+            seed: i.seed,
             boot: &s.boot,
             root_fs: &root_fs,
             data_tree: &s.data_tree.path().join("t"),
@@ -566,4 +570,16 @@ fn slot_folder_tar(work: &Path, files: &[FatFile]) -> Result<Vec<u8>> {
             .args(&names),
     )?;
     Ok(std::fs::read(&tar)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_follows_the_check_setting() {
+        let t = timer_unit("daily");
+        assert!(t.contains("\nOnCalendar=daily\n"), "{t}");
+        assert!(t.contains("WantedBy=timers.target"));
+    }
 }
