@@ -459,6 +459,10 @@ pub fn apply(ctx: &Ctx<'_>, source: &UpdateSource) -> Result<Option<Release>, St
     });
     ctx.save(&st)?;
     ctx.show(status("rebooting", r.as_str(), "into the new slot"));
+    crate::status::print_console(&format!(
+        "clutch: update rebooting into release={r} slot={}",
+        ctx.run.slot.other().as_str()
+    ));
     ctx.sys.reboot(tryboot).map_err(Stop::Failed)?;
     Ok(Some(r))
 }
