@@ -36,7 +36,7 @@ pub fn run(
     fetch_error: Option<&str>,
 ) -> Report {
     // A/B images: the node's identity into this slot, the release and slot into the status.
-    for f in crate::update::on_boot(paths) {
+    for f in crate::update::on_boot(paths, sys) {
         tracing::info!("kept for this slot: {f}");
     }
     let loaded = load(paths, &read_sources(paths));

@@ -148,26 +148,49 @@ pub fn copy_into(disk_image: &Path, at: Extent, fs_image: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A state folder on the data partition and who owns it in this release: a node applies
+/// it at every boot (`/usr/lib/clutch/persistent.json`), so a release that adds a package
+/// (etcd) finds its folder owned by that package's user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PersistentDir {
+    pub dir: String,
+    pub node: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
 /// Moves the node's state folders out of the staged root into `data_tree` (keeping owners
 /// and modes: etcd's data folder belongs to `etcd`), leaving empty mount points behind.
-pub fn split_state(staging: &Path, data_tree: &Path) -> Result<()> {
+pub fn split_state(staging: &Path, data_tree: &Path) -> Result<Vec<PersistentDir>> {
+    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(data_tree)?;
+    let mut dirs = Vec::new();
     for (dir, node) in PERSISTENT {
         let inside = staging.join(node.trim_start_matches('/'));
         let dest = data_tree.join(dir);
-        if inside.is_dir() {
+        let (uid, gid, mode) = if inside.is_dir() {
             let m = std::fs::metadata(&inside)?;
             std::fs::rename(&inside, &dest)
                 .with_context(|| format!("moving {} to the data partition", inside.display()))?;
             std::fs::create_dir_all(&inside)?;
             std::fs::set_permissions(&inside, m.permissions())?;
+            (m.uid(), m.gid(), m.mode() & 0o7777)
         } else {
             std::fs::create_dir_all(&inside)?;
             std::fs::create_dir_all(&dest)?;
             std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
-        }
+            (0, 0, 0o755)
+        };
+        dirs.push(PersistentDir {
+            dir: dir.to_string(),
+            node: node.to_string(),
+            uid,
+            gid,
+            mode,
+        });
     }
-    Ok(())
+    Ok(dirs)
 }
 
 /// The data partition's ext4 file system, holding `tree`.
@@ -258,7 +281,11 @@ mod tests {
         )
         .unwrap();
         let d = t.path().join("data");
-        split_state(&s, &d).unwrap();
+        let dirs = split_state(&s, &d).unwrap();
+        let etcd = dirs.iter().find(|p| p.dir == "etcd").unwrap();
+        assert_eq!((etcd.node.as_str(), etcd.mode), ("/var/lib/etcd", 0o700));
+        let rancher = dirs.iter().find(|p| p.dir == "rancher").unwrap();
+        assert_eq!((rancher.uid, rancher.mode), (0, 0o755));
         assert!(d.join("home/admin/.ssh/authorized_keys").is_file());
         assert!(
             !s.join("home/admin").exists(),

@@ -126,7 +126,13 @@ pub fn stage(
     )
     .context("enabling the update units in the image")?;
     std::fs::create_dir_all(staging.join(files::DATA_MOUNT_REL))?;
-    asm::split_state(staging, data_tree)
+    let dirs = asm::split_state(staging, data_tree)?;
+    write(
+        staging,
+        "usr/lib/clutch/persistent.json",
+        &(serde_json::to_string_pretty(&dirs)? + "\n"),
+        0o644,
+    )
 }
 
 /// The boot files of an A/B image, split by where they go.

@@ -46,10 +46,12 @@ pub fn merge(s: &mut crate::status::Status, live: &state::Live) {
     s.update = Some(live.update.clone());
 }
 
-/// At boot, before the node setup: the node's identity into this slot, and the live
-/// status of releases and updates. Returns the files taken over (for the log).
-pub fn on_boot(paths: &Paths) -> Vec<String> {
+/// At boot, before the node setup: the node's identity into this slot, the state folders'
+/// owners for this release, and the live status of releases and updates. Returns the files
+/// taken over (for the log).
+pub fn on_boot(paths: &Paths, sys: &dyn crate::sys::Sys) -> Vec<String> {
     let carried = slot::carry_in(paths);
+    slot::fix_ownership(paths, sys);
     match slot::detect(paths) {
         Ok(Some(r)) => {
             let st = state::UpdateState::load(paths).unwrap_or_default();

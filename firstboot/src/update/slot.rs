@@ -148,6 +148,84 @@ fn key_mode(name: &str) -> u32 {
     if name.ends_with(".pub") { 0o644 } else { 0o600 }
 }
 
+/// The state folders on the data partition and their owner in this release
+/// (`/usr/lib/clutch/persistent.json`, written by the builder).
+pub const PERSISTENT_INFO: &str = "/usr/lib/clutch/persistent.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct PersistentDir {
+    pub dir: String,
+    pub node: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// One change to a state folder on the data partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnershipFix {
+    /// Node path of the folder.
+    pub node: String,
+    /// (uid, gid) when the owner differs.
+    pub owner: Option<(u32, u32)>,
+    /// Permission bits when they differ.
+    pub mode: Option<u32>,
+}
+
+/// What to change on the data partition's state folders for this release. Only the folder
+/// itself: what a package keeps inside is its own.
+pub fn ownership_fixes(
+    want: &[PersistentDir],
+    have: impl Fn(&str) -> Option<(u32, u32, u32)>,
+) -> Vec<OwnershipFix> {
+    want.iter()
+        .filter_map(|d| {
+            let (uid, gid, mode) = have(&d.node)?;
+            let owner = ((uid, gid) != (d.uid, d.gid)).then_some((d.uid, d.gid));
+            let mode = (mode & 0o7777 != d.mode).then_some(d.mode);
+            (owner.is_some() || mode.is_some()).then(|| OwnershipFix {
+                node: d.node.clone(),
+                owner,
+                mode,
+            })
+        })
+        .collect()
+}
+
+/// Gives the state folders the owner and mode this release's packages expect (a release
+/// that adds etcd finds /var/lib/etcd owned by `etcd`).
+pub fn fix_ownership(paths: &Paths, sys: &dyn crate::sys::Sys) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(text) = std::fs::read(paths.host(PERSISTENT_INFO)) else {
+        return;
+    };
+    let want: Vec<PersistentDir> = match serde_json::from_slice(&text) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("{PERSISTENT_INFO}: {e}");
+            return;
+        }
+    };
+    let have = |node: &str| {
+        let m = std::fs::metadata(paths.host(node)).ok()?;
+        Some((m.uid(), m.gid(), m.mode()))
+    };
+    for OwnershipFix { node, owner, mode } in ownership_fixes(&want, have) {
+        let p = paths.host(&node);
+        if let Some((u, g)) = owner {
+            tracing::info!("{node}: owner {u}:{g} for this release");
+            if let Err(e) = sys.chown(&p, u, g) {
+                tracing::warn!("chown {node}: {e}");
+            }
+        }
+        if let Some(m) = mode {
+            if let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)) {
+                tracing::warn!("chmod {node}: {e}");
+            }
+        }
+    }
+}
+
 /// Before the facts are gathered: the node's identity into this slot (a new slot has no
 /// host keys and an empty machine id). A no-op on images without slots and on a node's
 /// very first boot (nothing kept yet).
@@ -311,5 +389,45 @@ mod tests {
             "PRIVATE"
         );
         assert!(per_slot("custom-password") && !per_slot("grow-root"));
+    }
+
+    #[test]
+    fn state_folders_get_this_releases_owner() {
+        let want = vec![
+            PersistentDir {
+                dir: "etcd".into(),
+                node: "/var/lib/etcd".into(),
+                uid: 104,
+                gid: 107,
+                mode: 0o700,
+            },
+            PersistentDir {
+                dir: "home".into(),
+                node: "/home".into(),
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
+            PersistentDir {
+                dir: "rancher".into(),
+                node: "/var/lib/rancher".into(),
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
+        ];
+        let have = |n: &str| match n {
+            "/var/lib/etcd" => Some((0, 0, 0o40755)),
+            "/home" => Some((0, 0, 0o40755)),
+            _ => None,
+        };
+        assert_eq!(
+            ownership_fixes(&want, have),
+            [OwnershipFix {
+                node: "/var/lib/etcd".into(),
+                owner: Some((104, 107)),
+                mode: Some(0o700),
+            }]
+        );
     }
 }
