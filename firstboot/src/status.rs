@@ -127,6 +127,19 @@ impl Status {
         if !self.waiting.is_empty() {
             s += &format!("waiting:  {}\n", self.waiting);
         }
+        if !self.release.is_empty() {
+            s += &format!("release:  {} (slot {})\n", self.release, self.slot);
+        }
+        if let Some(u) = &self.update {
+            s += &format!("update:   {}", u.state);
+            if !u.release.is_empty() {
+                s += &format!(" release {}", u.release);
+            }
+            if !u.reason.is_empty() {
+                s += &format!(": {}", u.reason);
+            }
+            s.push('\n');
+        }
         for w in &self.warnings {
             s += &format!("warning:  {w}\n");
         }
