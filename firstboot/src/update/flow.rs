@@ -17,6 +17,9 @@ use crate::fsx;
 pub const INCOMING: &str = "/var/lib/clutch/update/incoming";
 /// The sysupdate definitions of the image (node path).
 pub const TRANSFERS: &str = "/usr/lib/clutch/sysupdate.d";
+/// systemd-sysupdate and the importer it uses: Debian keeps both out of `PATH`.
+pub const SYSUPDATE: &str = "/usr/lib/systemd/systemd-sysupdate";
+pub const IMPORT: &str = "/usr/lib/systemd/systemd-import";
 /// The release-signing public key of the image (node path).
 pub const PUBLIC_KEY: &str = "/usr/lib/clutch/update-key.pub";
 /// How long a release on trial may take to reach `ready`.
@@ -249,7 +252,7 @@ fn write_slot(ctx: &Ctx<'_>, offer: &Offer) -> Result<(), Stop> {
                 r.to_string(),
             ];
             ctx.sys
-                .run("systemd-sysupdate", &args)
+                .run(SYSUPDATE, &args)
                 .map_err(|e| Stop::Failed(format!("systemd-sysupdate: {e}")))?;
         }
         Scheme::OsPrefix => write_os_prefix_slot(ctx, offer)?,
@@ -268,7 +271,7 @@ fn write_os_prefix_slot(ctx: &Ctx<'_>, offer: &Offer) -> Result<(), Stop> {
             .map_err(|e| Stop::Failed(format!("{p}: {e}")))
     };
     run(
-        "/usr/lib/systemd/systemd-import",
+        IMPORT,
         vec![
             "raw".into(),
             "--direct".into(),
@@ -280,7 +283,7 @@ fn write_os_prefix_slot(ctx: &Ctx<'_>, offer: &Offer) -> Result<(), Stop> {
     )?;
     let tar = inc.join(format!("clutch_{r}.boot.tar"));
     run(
-        "/usr/lib/systemd/systemd-import",
+        IMPORT,
         vec![
             "raw".into(),
             "--direct".into(),
@@ -847,7 +850,9 @@ mod tests {
         assert_eq!(apply(&c, &src()).unwrap(), Some("2".try_into().unwrap()));
         assert_eq!(
             *fake.ran.borrow(),
-            ["systemd-sysupdate --definitions=/usr/lib/clutch/sysupdate.d update 2"]
+            [
+                "/usr/lib/systemd/systemd-sysupdate --definitions=/usr/lib/clutch/sysupdate.d update 2"
+            ]
         );
         assert_eq!(*fake.reboots.borrow(), [false]);
         let st = UpdateState::load(&n.paths).unwrap();
