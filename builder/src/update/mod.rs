@@ -363,4 +363,50 @@ mod tests {
             .to_string();
         assert!(e.contains("ab.slot_size"), "{e}");
     }
+
+    /// The numbers are a contract: autoboot.txt names boot partitions 2 and 3, and
+    /// clutch-firstboot finds slots by number (its `update::boot::Scheme`).
+    #[test]
+    fn rpi4_layout_is_bootfs_then_boot_and_root_per_slot_then_data() {
+        let b = crate::testutil::board("rpi4");
+        let mut c = cfg("");
+        c.image.release = Some("1".try_into().unwrap());
+        let p = plan(&c, &b, 0).unwrap().unwrap();
+        assert_eq!(p.scheme, AbScheme::Tryboot);
+        let l = layout(&b, &p, ImageSize::Auto, 900 << 20).unwrap();
+        assert_eq!(l.table, PartitionTable::Gpt, "tryboot_a_b wants GPT");
+        let got: Vec<_> = l
+            .parts
+            .iter()
+            .map(|p| (p.number, p.role, p.label.as_str(), p.gpt_type))
+            .collect();
+        let arm64_root = root_type("arm64").unwrap();
+        assert_eq!(
+            got,
+            [
+                (1, Role::Boot, "boot", BASIC_DATA),
+                (2, Role::SlotBoot(Slot::A), "clutchboot_1", BASIC_DATA),
+                (3, Role::SlotBoot(Slot::B), "_empty", BASIC_DATA),
+                (4, Role::Root(Slot::A), "clutch_1", arm64_root),
+                (5, Role::Root(Slot::B), "_empty", arm64_root),
+                (6, Role::Data, "clutch-data", LINUX_DATA),
+            ]
+        );
+        let ab = b.ab.as_ref().unwrap();
+        for s in [Slot::A, Slot::B] {
+            assert_eq!(
+                l.part(Role::SlotBoot(s)).extent.size,
+                ab.slot_boot_size.unwrap().bytes()
+            );
+            assert_eq!(l.part(Role::Root(s)).extent.size, ab.slot_size.bytes());
+        }
+        assert_eq!(
+            files::autoboot_txt(
+                l.part(Role::SlotBoot(Slot::A)).number,
+                l.part(Role::SlotBoot(Slot::B)).number
+            ),
+            files::autoboot_txt(2, 3),
+            "the image's autoboot.txt names the layout's slot boot partitions"
+        );
+    }
 }
