@@ -246,6 +246,11 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     let seed = hex::encode(Sha256::digest(format!("{text}\n--\n{board_text}")));
     let ids = Ids::from_seed(&seed);
     let (boot_uuid, root_uuid) = ids.partuuids(board.partition_table);
+    // [update]: two root slots and a data partition (see crate::update).
+    let ab = crate::update::plan(&cfg, &board, disk::source_date_epoch())?;
+    if formats.contains(&Format::Update) && ab.is_none() {
+        bail!("format `update` needs an [update] section in the config");
+    }
 
     let mut p = Progress::new(4 + formats.len());
     let spec = rootfs::RootfsSpec::new(&cfg, &board).with_formats(&formats);
@@ -326,8 +331,29 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             |k| std::env::var(k).ok(),
         )?;
     }
-    let vars = TemplateVars::new(&cfg, &board, &root_uuid);
-    let boot_files = collect_boot_files(&staging, &board, &cfg, &vars)?;
+    let ab_staged = match &ab {
+        Some(plan) => Some(crate::update::image::prepare(
+            &crate::update::image::PrepareInputs {
+                staging: &staging,
+                work_parent: &work,
+                plan,
+                cfg: &cfg,
+                board: &board,
+                unit_dir: &data.0.join("firstboot"),
+                node_config: &node_config_toml(&cfg)?,
+                mbr_root: &root_uuid,
+            },
+        )?),
+        None => None,
+    };
+    let vars = match &ab_staged {
+        Some(s) => s.vars.clone(),
+        None => TemplateVars::new(&cfg, &board, &root_uuid),
+    };
+    let boot_files = match &ab_staged {
+        Some(s) => s.boot.shared.clone(),
+        None => collect_boot_files(&staging, &board, &cfg, &vars)?,
+    };
     // Files written above carry the build's time; clamp them (reproducible builds).
     repro::clamp_tree_times(&staging, disk::source_date_epoch())?;
     p.done(&format!(
@@ -337,37 +363,57 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
 
     p.stage("assembling the disk image");
     let usage = disk::tree_usage(&staging)?;
-    let layout = disk::plan(
-        &board,
-        cfg.image.size,
-        disk::ext4_size_for(usage, board.root.headroom.bytes()),
-    )?;
     let raw = out.join(format!("{name}.img"));
     let raw_tmp = atomic::temp_path(&raw);
     let _ = std::fs::remove_file(&raw_tmp);
     // Removes the raw temporary on failure, or when raw was only an intermediate.
     let _raw_guard = atomic::TempGuard::new(raw_tmp.clone());
-    disk::create_with_table(&raw_tmp, &board, &layout, &ids)?;
-    fat::write_fat(
-        &raw_tmp,
-        layout.boot,
-        &board.boot.label,
-        ids.fat_volume_id,
-        &boot_files,
-    )?;
-    disk::mkfs_root(
-        &raw_tmp,
-        &layout,
-        &board.root.label,
-        &ids.root_fs_uuid,
-        &staging,
-    )?;
-    if let Some(epoch) = manifest::source_date_epoch_env() {
-        repro::fix_ext4_times(&raw_tmp, layout.root.start, epoch)?;
-    }
-    if let Some(s) = &board.boot.syslinux {
-        disk::install_syslinux(&raw_tmp, &layout, &s.dir)?;
-        fat::sync_backup_boot_sector(&raw_tmp, layout.boot)?;
+    let ab_disk = match &ab_staged {
+        Some(s) => Some(crate::update::image::build_disk(
+            &raw_tmp,
+            s,
+            &crate::update::image::DiskInputs {
+                staging: &staging,
+                board: &board,
+                size: cfg.image.size,
+                ids: &ids,
+                seed: &seed,
+                usage,
+            },
+        )?),
+        None => None,
+    };
+    let layout = match &ab_disk {
+        Some(d) => crate::update::assemble::as_disk_layout(&d.layout),
+        None => disk::plan(
+            &board,
+            cfg.image.size,
+            disk::ext4_size_for(usage, board.root.headroom.bytes()),
+        )?,
+    };
+    if ab_disk.is_none() {
+        disk::create_with_table(&raw_tmp, &board, &layout, &ids)?;
+        fat::write_fat(
+            &raw_tmp,
+            layout.boot,
+            &board.boot.label,
+            ids.fat_volume_id,
+            &boot_files,
+        )?;
+        disk::mkfs_root(
+            &raw_tmp,
+            &layout,
+            &board.root.label,
+            &ids.root_fs_uuid,
+            &staging,
+        )?;
+        if let Some(epoch) = manifest::source_date_epoch_env() {
+            repro::fix_ext4_times(&raw_tmp, layout.root.start, epoch)?;
+        }
+        if let Some(s) = &board.boot.syslinux {
+            disk::install_syslinux(&raw_tmp, &layout, &s.dir)?;
+            fat::sync_backup_boot_sector(&raw_tmp, layout.boot)?;
+        }
     }
     // Preallocated zeros become holes: a sparse image whose map does not depend on the
     // page cache (see bmap::punch_unwritten).
@@ -392,6 +438,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             Format::Zst => out.join(format!("{name}.img.zst")),
             Format::Bmap => out.join(format!("{name}.img.bmap")),
             Format::Pxe => out.join(pxe::SET_DIR),
+            Format::Update => out.join(crate::update::output::SET_DIR),
         };
         if secret && matches!(f, Format::Raw | Format::Qcow2 | Format::Zst) {
             pending.private(&dest);
@@ -427,6 +474,29 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
                 })?;
                 detail = format!("{detail}: {} MiB mapped", mapped >> 20);
             }
+            Format::Update => {
+                let (s, d) = ab_staged
+                    .as_ref()
+                    .zip(ab_disk.as_ref())
+                    .context("no [update]")?;
+                let summary = crate::update::output::write(
+                    &mut pending,
+                    &out,
+                    &s.work.path().join("release"),
+                    s.plan
+                        .update
+                        .signing_key_file
+                        .as_deref()
+                        .context("no signing key")?,
+                    &crate::update::output::UpdateInputs {
+                        plan: &s.plan,
+                        board_name: board.name.as_str(),
+                        root_image: &d.root_fs,
+                        boot: d.release_boot(s)?,
+                    },
+                )?;
+                p.println(&format!("clutch:       {summary}"));
+            }
             Format::Pxe => {
                 let node_config = node_config_toml(&cfg)?;
                 let summary = pxe::write(
@@ -450,7 +520,7 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
     p.stage("checksums and manifest");
     let bar = p.bytes(pending.unhashed_bytes());
     let images = pending.hash_all(&out, &bar)?;
-    let m = manifest::Manifest {
+    let mut m = manifest::Manifest {
         manifest_version: 1,
         name: name.clone(),
         clutch_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -495,6 +565,9 @@ pub fn build(opts: &BuildOpts) -> Result<BuildResult> {
             })
             .collect(),
     };
+    if let Some(d) = &ab_disk {
+        m.partitions = d.manifest_partitions(&seed, &board);
+    }
     let manifest_json = serde_json::to_string_pretty(&m)? + "\n";
     pending.add(out.join("manifest.json"), |tmp| {
         Ok(std::fs::write(tmp, &manifest_json)?)

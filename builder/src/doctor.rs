@@ -176,6 +176,7 @@ fn base_tools() -> Vec<Tool> {
         ),
         Tool::new("qemu-img", "qemu-utils", "qcow2 output"),
         Tool::new("zstd", "zstd", "zst output"),
+        Tool::new("xz", "xz-utils", "update output (compressed release files)"),
         Tool::new("mksquashfs", "squashfs-tools", "pxe output"),
         Tool::new("fsck.vfat", "dosfstools", "checks the FAT partition"),
         Tool::new(
@@ -203,6 +204,7 @@ pub fn needed_for_host(board: &Board, formats: &[Format], host_arch: &str) -> Ve
             "syslinux" | "syslinux-common" => board.boot.syslinux.is_some(),
             "qemu-utils" => formats.contains(&Format::Qcow2),
             "zstd" => formats.contains(&Format::Zst),
+            "xz-utils" => formats.contains(&Format::Update),
             "squashfs-tools" => formats.contains(&Format::Pxe),
             "dosfstools" | "qemu-system-x86" | "bmap-tools" => false,
             _ => true,

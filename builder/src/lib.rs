@@ -25,3 +25,4 @@ pub mod serve;
 pub mod stage;
 #[cfg(test)]
 mod testutil;
+pub mod update;

@@ -30,7 +30,7 @@ enum Cmd {
         /// Cache folder for root filesystems and downloads (default: ~/.cache/clutch).
         #[arg(long, env = "CLUTCH_CACHE")]
         cache: Option<PathBuf>,
-        /// Output formats, comma separated (raw,qcow2,zst,bmap,pxe); default: the config's.
+        /// Output formats, comma separated (raw,qcow2,zst,bmap,pxe,update); default: the config's.
         #[arg(long, value_delimiter = ',', value_parser = parse_format)]
         format: Option<Vec<Format>>,
         /// Folder holding boards/ and overlays/ (default: found next to the config).
@@ -76,6 +76,9 @@ enum Cmd {
     Doctor,
     /// Print a new random cluster token (256 bits, as 64 hex digits) on stdout.
     Token,
+    /// Write a new release-signing key to FILE (mode 0600) and its public half to FILE.pub;
+    /// name FILE in `[update] signing_key_file`. Never overwrites an existing key.
+    UpdateKey { file: PathBuf },
     /// A local lab: N VMs of a built amd64 image in a private network namespace.
     Lab {
         #[command(subcommand)]
@@ -100,7 +103,10 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "zst" => Ok(Format::Zst),
         "bmap" => Ok(Format::Bmap),
         "pxe" => Ok(Format::Pxe),
-        _ => Err(format!("unknown format `{s}` (raw, qcow2, zst, bmap, pxe)")),
+        "update" => Ok(Format::Update),
+        _ => Err(format!(
+            "unknown format `{s}` (raw, qcow2, zst, bmap, pxe, update)"
+        )),
     }
 }
 
@@ -240,6 +246,16 @@ fn run(command: Cmd) -> Result<bool> {
         Cmd::Token => {
             let bytes: [u8; 32] = rand::random();
             println!("{}", hex::encode(bytes));
+            Ok(true)
+        }
+        Cmd::UpdateKey { file } => {
+            clutch_builder::update::key::generate(&file, rand::random())?;
+            eprintln!(
+                "clutch: wrote the release-signing key {} (keep it off the nodes) and its public half {}",
+                file.display(),
+                clutch_builder::update::key::public_path(&file).display()
+            );
+            println!("{}", file.display());
             Ok(true)
         }
         // Exits with its own code (`lab exec`): handled in main.

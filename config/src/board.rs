@@ -55,6 +55,9 @@ pub struct Board {
     /// dpkg `path-include` patterns, applied after the excludes (dpkg: the last match wins).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dpkg_path_include: Vec<String>,
+    /// How images with `[update]` hold two root slots; a board without it cannot update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ab: Option<crate::update::AbBoard>,
 }
 
 /// `[imager]` in a board file.
@@ -136,6 +139,10 @@ pub struct BootFile {
     /// their space once on the image.
     #[serde(default)]
     pub link_from_root: bool,
+    /// On A/B images (`[ab]`), the file belongs to a root slot's boot files (kernel,
+    /// initrd, device trees) rather than to the shared boot partition.
+    #[serde(default)]
+    pub slot: bool,
 }
 
 /// A text file a board renders: `path` is relative on the boot partition (`boot.templates`)
@@ -145,6 +152,9 @@ pub struct BootFile {
 pub struct BootTemplate {
     pub path: String,
     pub content: String,
+    /// On A/B images, the file belongs to a root slot (`cmdline.txt`).
+    #[serde(default)]
+    pub slot: bool,
 }
 
 /// What a board template may hold: `{cmdline}` (the whole kernel command line),
@@ -223,6 +233,17 @@ impl Board {
                 "boot.kind",
                 "an `esp` boot partition needs partition_table = \"gpt\"",
             ));
+        }
+        if let Some(ab) = &self.ab {
+            ab.validate()?;
+            if ab.scheme == crate::update::AbScheme::SystemdBoot
+                && self.partition_table != PartitionTable::Gpt
+            {
+                return Err(Invalid::new(
+                    "ab.scheme",
+                    "scheme = \"systemd-boot\" needs partition_table = \"gpt\" (systemd-sysupdate finds slots by GPT type and label)",
+                ));
+            }
         }
         for (i, f) in self.boot.files.iter().enumerate() {
             if !f.from.starts_with('/') {

@@ -9,6 +9,7 @@ pub mod phase;
 pub mod release;
 pub mod schema;
 pub mod types;
+pub mod update;
 pub mod zone;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ pub use phase::Phase;
 pub use release::Release;
 pub use schema::*;
 pub use types::*;
+pub use update::{AbBoard, AbScheme, NodeUpdate, UpdateCheck, UpdateSection, UpdateSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

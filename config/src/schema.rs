@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::diag::{Invalid, KeyPath};
+use crate::release::Release;
 use crate::types::*;
+use crate::update::{NodeUpdate, UpdateSection};
 
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -32,6 +34,8 @@ pub enum Format {
     Zst,
     Bmap,
     Pxe,
+    /// A signed release for nodes to update to (`update/`); needs `[update]`.
+    Update,
 }
 
 impl Format {
@@ -42,6 +46,7 @@ impl Format {
             Format::Zst => "zst",
             Format::Bmap => "bmap",
             Format::Pxe => "pxe",
+            Format::Update => "update",
         }
     }
 }
@@ -91,6 +96,10 @@ pub struct ImageSection {
     pub size: ImageSize,
     #[serde(default = "default_formats")]
     pub formats: Vec<Format>,
+    /// The OS release this build is; `None`: derived from the build time (see
+    /// [`ImageConfig::release`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
 }
 fn default_formats() -> Vec<Format> {
     vec![Format::Raw]
@@ -100,6 +109,7 @@ impl Default for ImageSection {
         ImageSection {
             size: ImageSize::Auto,
             formats: default_formats(),
+            release: None,
         }
     }
 }
@@ -265,6 +275,8 @@ pub struct NodeConfig {
     pub storage: Storage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<Cluster>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<NodeUpdate>,
 }
 
 /// An image config: what `clutch build` turns into an image.
@@ -297,6 +309,8 @@ pub struct ImageConfig {
     pub storage: Storage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<Cluster>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateSection>,
 }
 
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -319,7 +333,25 @@ impl ImageConfig {
             wifi: self.wifi.clone(),
             storage: self.storage.clone(),
             cluster: self.cluster.clone(),
+            update: self.update.as_ref().map(UpdateSection::for_node),
         }
+    }
+
+    /// The release this build is: `[image] release`, else one made from the build time
+    /// (`epoch`: `SOURCE_DATE_EPOCH` or now), `YYYY.MM.DD.HHMMSS` in UTC.
+    pub fn release(&self, epoch: u64) -> Release {
+        if let Some(r) = &self.image.release {
+            return r.clone();
+        }
+        let (y, mo, d) = crate::release::civil_from_days((epoch / 86_400) as i64);
+        let s = epoch % 86_400;
+        Release::try_from(format!(
+            "{y:04}.{mo:02}.{d:02}.{:02}{:02}{:02}",
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        ))
+        .expect("digits and dots make a valid release")
     }
 
     /// Reads every `*_file` secret (relative to `base`) into its inline key.
@@ -335,6 +367,23 @@ impl ImageConfig {
             if let Some(f) = w.psk_file.take() {
                 let s = read_secret(base, &f, "wifi.psk_file")?;
                 w.psk = Some(WifiPsk::try_from(s).map_err(|e| Invalid::new("wifi.psk_file", e))?);
+            }
+        }
+        if let Some(u) = &mut self.update {
+            if let Some(f) = &u.signing_key_file {
+                let p = base.join(f);
+                if !p.is_file() {
+                    return Err(Invalid::new(
+                        "update.signing_key_file",
+                        format!(
+                            "cannot read {}: make one with `clutch update-key {}`",
+                            p.display(),
+                            f.display()
+                        ),
+                    ));
+                }
+                // Kept as a path the builder can open from anywhere.
+                u.signing_key_file = Some(p);
             }
         }
         if let Some(c) = &mut self.cluster {
@@ -357,6 +406,23 @@ impl ImageConfig {
                     &format!("image.formats[{i}]"),
                     format!("format `{}` is listed twice", f.as_str()),
                 ));
+            }
+        }
+        if let Some(i) = self.image.formats.iter().position(|f| *f == Format::Update) {
+            match &self.update {
+                None => {
+                    return Err(Invalid::new(
+                        &format!("image.formats[{i}]"),
+                        "format `update` needs an [update] section (source, signing_key_file)",
+                    ));
+                }
+                Some(u) if u.signing_key_file.is_none() => {
+                    return Err(Invalid::new(
+                        "update",
+                        "format `update` needs signing_key_file (make one with `clutch update-key release.key`)",
+                    ));
+                }
+                Some(_) => {}
             }
         }
         let mut names = BTreeSet::new();

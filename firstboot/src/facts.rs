@@ -20,6 +20,8 @@ pub struct Paths {
 }
 
 pub const STATE_DIR: &str = "/var/lib/clutch";
+/// Where A/B images mount their data partition (the builder's `update::DATA_MOUNT`).
+pub const DATA_MOUNT: &str = "/data";
 pub const STATUS_FILE: &str = "/run/clutch/status.json";
 
 impl Paths {
@@ -38,6 +40,10 @@ impl Paths {
         self.host(Path::new(STATE_DIR).join(name))
     }
     pub fn marker(&self, step: &str) -> PathBuf {
+        // Steps that change a root slot's own files keep their marker in the slot.
+        if crate::update::slot::per_slot(step) {
+            return self.host(Path::new(crate::update::slot::SLOT_DONE_DIR).join(step));
+        }
         self.state(&format!("done/{step}"))
     }
     /// Node path of a file on the FAT partition.
@@ -170,12 +176,18 @@ pub fn gather(paths: &Paths, loop_names: &[String]) -> Facts {
             .flatten(),
         ..Default::default()
     };
-    if let Ok(rd) = fs::read_dir(paths.state("done")) {
-        f.done = rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
+    for dir in [
+        paths.state("done"),
+        paths.host(crate::update::slot::SLOT_DONE_DIR),
+    ] {
+        if let Ok(rd) = fs::read_dir(dir) {
+            f.done.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .filter(|n| paths.marker(n).exists()),
+            );
+        }
     }
     for t in HOST_KEY_TYPES {
         for suffix in ["", ".pub"] {
@@ -358,11 +370,21 @@ fn parse_mountinfo_line(line: &str) -> Option<MountInfo> {
 pub fn root_disk(paths: &Paths) -> Result<RootDisk, String> {
     let mi = paths.host("/proc/self/mountinfo");
     let text = fs::read_to_string(&mi).map_err(|e| format!("{}: {e}", mi.display()))?;
+    // On A/B images the data partition (last on the disk) grows, not a root slot.
+    let grows = if text
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .any(|m| m.mount_point == DATA_MOUNT)
+    {
+        DATA_MOUNT
+    } else {
+        "/"
+    };
     let root = text
         .lines()
         .rev()
         .filter_map(parse_mountinfo_line)
-        .find(|m| m.mount_point == "/")
+        .find(|m| m.mount_point == grows)
         .ok_or("no / in mountinfo")?;
     let link = paths.host(format!("/sys/dev/block/{}", root.dev));
     let part_dir = fs::canonicalize(&link)

@@ -21,6 +21,7 @@ pub mod render;
 pub mod run;
 pub mod status;
 pub mod sys;
+pub mod update;
 
 #[cfg(test)]
 mod tests;

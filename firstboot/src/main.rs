@@ -37,6 +37,20 @@ enum Command {
     },
     /// Print what `run` would do, without doing it.
     Plan,
+    /// Look for a newer signed release at `[update] source` (A/B images). With --now:
+    /// download and check it, write the inactive root slot, reboot into it; it is
+    /// committed once the node is ready again, else rolled back.
+    Update {
+        /// Apply the newest release now (without: only say whether one is offered).
+        #[arg(long)]
+        now: bool,
+        /// Boot the other slot's release again and never retry this one.
+        #[arg(long, conflicts_with = "now")]
+        rollback: bool,
+        /// At boot (clutch-update-health.service): commit or roll back a release on trial.
+        #[arg(long, hide = true, conflicts_with_all = ["now", "rollback"])]
+        health: bool,
+    },
 }
 
 fn boot_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
@@ -120,8 +134,12 @@ fn real_main(cli: Cli) -> Result<()> {
                     Box::new(status::addresses),
                 );
             }
-            if let Ok(r) = std::fs::read_to_string(paths.host("/etc/clutch-release")) {
-                board.set_release(r.trim().to_string());
+            let os_release = std::fs::read_to_string(paths.host("/etc/os-release"));
+            if let Some(r) = os_release
+                .ok()
+                .and_then(|t| clutch_firstboot::update::slot::image_version(&t))
+            {
+                board.set_release(r.to_string());
             }
             let report =
                 clutch_firstboot::run::run(&paths, &RealSys, &board, true, fetch_error.as_deref());
@@ -143,6 +161,20 @@ fn real_main(cli: Cli) -> Result<()> {
                 print!("{}", s.human());
             }
             Ok(())
+        }
+        Command::Update {
+            now,
+            rollback,
+            health,
+        } => {
+            use clutch_firstboot::update::cli::{Mode, main};
+            let mode = match (now, rollback, health) {
+                (_, _, true) => Mode::Health,
+                (_, true, _) => Mode::Rollback,
+                (true, _, _) => Mode::Now,
+                _ => Mode::Check,
+            };
+            std::process::exit(main(&paths, mode))
         }
         Command::Plan => {
             let loaded =

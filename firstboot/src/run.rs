@@ -35,6 +35,10 @@ pub fn run(
     form: bool,
     fetch_error: Option<&str>,
 ) -> Report {
+    // A/B images: the node's identity into this slot, the release and slot into the status.
+    for f in crate::update::on_boot(paths, sys) {
+        tracing::info!("kept for this slot: {f}");
+    }
     let fresh = Fresh {
         node_id: hex_random(sys),
         machine_id: hex_random(sys),
@@ -88,6 +92,7 @@ pub fn run(
     });
 
     let outcome = apply(&the_plan, paths, sys);
+    crate::update::slot::carry_out(paths);
     if error.is_none() && !outcome.errors.is_empty() {
         error = Some(outcome.errors.join("; "));
     }

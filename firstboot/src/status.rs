@@ -39,13 +39,19 @@ pub struct Status {
     #[serde(default)]
     pub warnings: Vec<String>,
     pub error: Option<String>,
-    /// The OS release of the image (`/etc/clutch-release`), empty when unknown.
-    #[serde(default)]
-    pub release: String,
     /// Cluster formation: why this node is waiting (peers seen vs needed, settle time), or
     /// empty. Beyond SPEC's keys, for people asking "why is it stuck".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub waiting: String,
+    /// The running release (`IMAGE_VERSION` of os-release, the config's `[image] release`)
+    /// and, on A/B images, its root slot; empty when unknown.
+    #[serde(default)]
+    pub release: String,
+    #[serde(default)]
+    pub slot: String,
+    /// Updates (A/B images): see [`crate::update::state::UpdateStatus`].
+    #[serde(default)]
+    pub update: Option<crate::update::state::UpdateStatus>,
 }
 
 impl Default for Status {
@@ -60,8 +66,10 @@ impl Default for Status {
             storage: Vec::new(),
             warnings: Vec::new(),
             error: None,
-            release: String::new(),
             waiting: String::new(),
+            release: String::new(),
+            slot: String::new(),
+            update: None,
         }
     }
 }
@@ -155,6 +163,19 @@ impl Status {
         }
         if !self.waiting.is_empty() {
             s += &format!("waiting:  {}\n", self.waiting);
+        }
+        if !self.release.is_empty() {
+            s += &format!("release:  {} (slot {})\n", self.release, self.slot);
+        }
+        if let Some(u) = &self.update {
+            s += &format!("update:   {}", u.state);
+            if !u.release.is_empty() {
+                s += &format!(" release {}", u.release);
+            }
+            if !u.reason.is_empty() {
+                s += &format!(": {}", u.reason);
+            }
+            s.push('\n');
         }
         for w in &self.warnings {
             s += &format!("warning:  {w}\n");
@@ -363,7 +384,12 @@ impl StatusSink for StatusBoard {
 }
 
 pub fn write_status(path: &Path, s: &Status) -> io::Result<()> {
-    let mut json = serde_json::to_vec_pretty(s).map_err(io::Error::other)?;
+    // `clutch-firstboot update` runs in another process: take its part from update.json.
+    let mut s = s.clone();
+    if let Some(live) = crate::update::state::Live::load(&path.with_file_name("update.json")) {
+        crate::update::merge(&mut s, &live);
+    }
+    let mut json = serde_json::to_vec_pretty(&s).map_err(io::Error::other)?;
     json.push(b'\n');
     fsx::write_atomic(path, &json, 0o644)
 }

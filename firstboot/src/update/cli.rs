@@ -1,0 +1,110 @@
+//! `clutch-firstboot update [--now] [--rollback]` and the boot-time `update --health`.
+
+use super::flow::{self, Ctx, Health, Stop};
+use super::real::RealUpdateSys;
+use super::state::UpdateStatus;
+use crate::facts::Paths;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Say whether a newer signed release is offered.
+    Check,
+    /// Apply it: download, write the inactive slot, reboot into it.
+    Now,
+    Rollback,
+    /// At boot (clutch-update-health.service): commit or roll back a release on trial.
+    Health,
+}
+
+/// Runs one update command; the process exit code (0: done or nothing to do).
+pub fn main(paths: &Paths, mode: Mode) -> i32 {
+    let run = match super::slot::detect(paths) {
+        Ok(Some(r)) => r,
+        Ok(None) if mode == Mode::Health => return 0,
+        Ok(None) => {
+            eprintln!(
+                "clutch-firstboot: this image has no root slots (its config had no [update])"
+            );
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("clutch-firstboot: update: {e}");
+            return 1;
+        }
+    };
+    let ctx = Ctx {
+        paths,
+        sys: &RealUpdateSys,
+        rollout: &flow::Standalone,
+        run,
+    };
+    let r = match mode {
+        Mode::Health => flow::health(&ctx).map(|h| match h {
+            Health::Nothing => "no release on trial".to_string(),
+            Health::Committed(r) => format!("release {r} committed"),
+            Health::FellBack(r) => format!("release {r} was rolled back by the boot loader"),
+            Health::GaveUp(r) => format!("release {r} given up; rebooting into the previous one"),
+        }),
+        Mode::Rollback => flow::rollback(&ctx).map(|r| format!("rebooting into release {r}")),
+        Mode::Check | Mode::Now => source(paths).and_then(|src| {
+            if mode == Mode::Check {
+                let o = flow::check(&ctx, &src)?;
+                let (state, what) = if o.newer {
+                    (
+                        "available",
+                        format!("release {} is available", o.info.release),
+                    )
+                } else {
+                    (
+                        "up-to-date",
+                        format!("release {} is running", ctx.run.release),
+                    )
+                };
+                ctx.show(UpdateStatus {
+                    state: state.into(),
+                    release: o.info.release.to_string(),
+                    source: src.to_string(),
+                    ..Default::default()
+                });
+                Ok(what)
+            } else {
+                flow::apply(&ctx, &src).map(|r| match r {
+                    Some(r) => format!("rebooting into release {r}"),
+                    None => format!("release {} is the newest; nothing to do", ctx.run.release),
+                })
+            }
+        }),
+    };
+    match r {
+        Ok(msg) => {
+            println!("clutch: update: {msg}");
+            0
+        }
+        Err(e) => {
+            let (state, code) = match &e {
+                Stop::Refused(_) => ("refused", 3),
+                Stop::Failed(_) => ("failed", 1),
+            };
+            // A health check that gave up already said so; the rest say it here.
+            if mode != Mode::Health {
+                ctx.show(UpdateStatus {
+                    state: state.into(),
+                    reason: e.to_string(),
+                    ..Default::default()
+                });
+            }
+            eprintln!("clutch-firstboot: update: {e}");
+            code
+        }
+    }
+}
+
+fn source(paths: &Paths) -> Result<clutch_config::UpdateSource, Stop> {
+    let loaded = crate::load::load(paths, &crate::load::read_sources(paths))
+        .map_err(|e| Stop::Failed(format!("the node config is not usable: {e}")))?;
+    loaded
+        .config
+        .update
+        .map(|u| u.source)
+        .ok_or_else(|| Stop::Failed("clutch.toml has no [update] source".into()))
+}
