@@ -15,6 +15,7 @@
 
 pub mod boot;
 pub mod cli;
+pub mod coordinated;
 pub mod fetch;
 pub mod flow;
 pub mod real;
