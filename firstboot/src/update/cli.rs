@@ -78,6 +78,14 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
         Mode::Check | Mode::Now => source(&config).and_then(|src| {
             if mode == Mode::Check {
                 let o = flow::check(&ctx, &src)?;
+                // Say so when the cluster stopped this release; only asking may fail.
+                if o.newer {
+                    match ctx.rollout.bad(&o.info.release) {
+                        Ok(Some(why)) => return Err(Stop::Refused(why)),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
                 let (state, what) = if o.newer {
                     (
                         "available",
