@@ -16,7 +16,8 @@
 //! node config and what formation recorded (`cluster.json`), then built ([`Choice::build`]).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use clutch_cluster::engine::etcd::{TLS_DIR, env::LOCAL_ENDPOINT, env::client_url};
@@ -40,6 +41,9 @@ use crate::facts::{Paths, STATE_DIR};
 pub const TICKET_TTL: Duration = Duration::from_secs(600);
 /// Agents that may update at once. SPEC.md has no `[update]` key for it yet.
 pub const AGENT_BUDGET: usize = 1;
+/// At most this long for giving a ticket back: the commit runs inside
+/// clutch-update-health.service (15 minutes, 10 of which the wait for `ready` may take).
+pub const GIVE_BACK_FOR: Duration = Duration::from_secs(60);
 /// Where the k3s coordinator writes its Lease manifests (node path, root only).
 pub const K3S_SCRATCH: &str = "/var/lib/clutch/update/rollout";
 
@@ -50,10 +54,14 @@ pub struct Timing {
     pub wait: Duration,
     /// How often it asks meanwhile.
     pub poll: Duration,
-    /// How long a commit or a rollback keeps trying to reach the store (a node that just
-    /// booted may not have its etcd member back yet).
+    /// How long a rollback keeps trying to mark the release bad (a node that just booted
+    /// may not have its etcd member back yet); giving a ticket back tries at most
+    /// [`GIVE_BACK_FOR`] of it.
     pub settle: Duration,
     pub retry: Duration,
+    /// How often a held ticket is renewed while the slot is written (that can outlast
+    /// [`TICKET_TTL`] on a slow card).
+    pub renew: Duration,
 }
 
 impl Default for Timing {
@@ -63,6 +71,7 @@ impl Default for Timing {
             poll: Duration::from_secs(5),
             settle: Duration::from_secs(5 * 60),
             retry: Duration::from_secs(5),
+            renew: Duration::from_secs(30),
         }
     }
 }
@@ -72,11 +81,13 @@ pub type OnWait<'a> = Box<dyn Fn(&Release, &str) + 'a>;
 
 /// A [`Rollout`] over a cluster [`Coordinator`].
 pub struct Coordinated<'a> {
-    pub coordinator: Box<dyn Coordinator>,
+    pub coordinator: Arc<dyn Coordinator>,
     pub me: Me,
     pub role: Role,
     pub timing: Timing,
     pub on_wait: OnWait<'a>,
+    /// Stops the renewing of a ticket taken by this process.
+    renewing: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 /// What the status says about a bad release.
@@ -99,15 +110,65 @@ fn ticket(v: Option<&Value>) -> Option<Ticket> {
     }
 }
 
-impl Coordinated<'_> {
+impl<'a> Coordinated<'a> {
+    pub fn new(
+        coordinator: Arc<dyn Coordinator>,
+        me: Me,
+        role: Role,
+        timing: Timing,
+        on_wait: OnWait<'a>,
+    ) -> Self {
+        Coordinated {
+            coordinator,
+            me,
+            role,
+            timing,
+            on_wait,
+            renewing: Mutex::new(None),
+        }
+    }
+
+    /// Renews `t` every [`Timing::renew`] until given back or this process ends (the
+    /// reboot); from the next boot on, the health check renews it.
+    fn renew(&self, t: &Ticket) {
+        let stop = Arc::new(AtomicBool::new(false));
+        if let Some(old) = self.renewing.lock().unwrap().replace(stop.clone()) {
+            old.store(true, Ordering::SeqCst);
+        }
+        let (c, t, every) = (self.coordinator.clone(), t.clone(), self.timing.renew);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                match c.keep(&t) {
+                    Ok(()) => {}
+                    Err(e @ RolloutError::Lost { .. }) => {
+                        tracing::error!("{} rollout: {e}", c.name());
+                        return;
+                    }
+                    Err(e) => tracing::warn!("{} rollout: renewing the ticket: {e}", c.name()),
+                }
+            }
+        });
+    }
+
+    fn stop_renewing(&self) {
+        if let Some(s) = self.renewing.lock().unwrap().take() {
+            s.store(true, Ordering::SeqCst);
+        }
+    }
+
     fn what(&self, e: &RolloutError) -> String {
         format!("{} rollout: {e}", self.coordinator.name())
     }
 
-    /// Runs `f` until it works or [`Timing::settle`] is over; a lost ticket is final.
+    /// Runs `f` until it works or `limit` is over; a lost ticket is final.
     fn settle<T>(
         &self,
         doing: &str,
+        limit: Duration,
         mut f: impl FnMut() -> Result<T, RolloutError>,
     ) -> Result<T, RolloutError> {
         let start = Instant::now();
@@ -115,7 +176,7 @@ impl Coordinated<'_> {
             match f() {
                 Ok(v) => return Ok(v),
                 Err(e @ RolloutError::Lost { .. }) => return Err(e),
-                Err(e) if start.elapsed() >= self.timing.settle => return Err(e),
+                Err(e) if start.elapsed() >= limit => return Err(e),
                 Err(e) => {
                     tracing::info!("rollout: {doing}: {e}; trying again");
                     std::thread::sleep(self.timing.retry);
@@ -125,7 +186,12 @@ impl Coordinated<'_> {
     }
 
     fn give(&self, t: &Ticket) {
-        match self.settle("giving the ticket back", || self.coordinator.release(t)) {
+        self.stop_renewing();
+        match self.settle(
+            "giving the ticket back",
+            self.timing.settle.min(GIVE_BACK_FOR),
+            || self.coordinator.release(t),
+        ) {
             Ok(()) => tracing::info!("rollout: ticket for release {} given back", t.release),
             Err(e) => tracing::warn!(
                 "{}; the ticket lapses by itself within {} s",
@@ -147,7 +213,7 @@ impl Rollout for Coordinated<'_> {
     fn before_reboot(&self, release: &Release) -> Result<Gate, String> {
         let mut last = String::new();
         let got = acquire(
-            self.coordinator.as_ref(),
+            &*self.coordinator,
             &self.me,
             self.role,
             release,
@@ -162,9 +228,12 @@ impl Rollout for Coordinated<'_> {
         )
         .map_err(|e| self.what(&e))?;
         Ok(match got {
-            Acquired::Go(t) => Gate::Go(Some(
-                serde_json::to_value(&t).map_err(|e| format!("ticket: {e}"))?,
-            )),
+            Acquired::Go(t) => {
+                self.renew(&t);
+                Gate::Go(Some(
+                    serde_json::to_value(&t).map_err(|e| format!("ticket: {e}"))?,
+                ))
+            }
             Acquired::Bad(b) => Gate::Refuse(bad_text(release, &b)),
             Acquired::NotNow(why) => Gate::Wait(format!(
                 "{why} (gave up after {} s; the next check tries again)",
@@ -197,7 +266,7 @@ impl Rollout for Coordinated<'_> {
 
     fn after_rollback(&self, release: &Release, reason: &str, t: Option<&Value>) {
         let t = ticket(t);
-        let marked = self.settle("marking the release bad", || {
+        let marked = self.settle("marking the release bad", self.timing.settle, || {
             if let Some(t) = &t {
                 let _ = self.coordinator.keep(t);
             }
@@ -309,7 +378,7 @@ impl Choice {
     /// The rollout this choice means.
     pub fn build<'a>(self, timing: Timing, on_wait: OnWait<'a>) -> Box<dyn Rollout + 'a> {
         let runner = Arc::new(RealRunner);
-        let (coordinator, me, role): (Box<dyn Coordinator>, Me, Role) = match self {
+        let (coordinator, me, role): (Arc<dyn Coordinator>, Me, Role) = match self {
             Choice::Alone(why) => {
                 tracing::info!("rollout: updating without coordination: {why}");
                 return Box::new(Standalone);
@@ -320,7 +389,7 @@ impl Choice {
                 endpoints,
                 tls,
             } => (
-                Box::new(EtcdCoordinator {
+                Arc::new(EtcdCoordinator {
                     runner,
                     etcdctl: "etcdctl".into(),
                     endpoints,
@@ -336,7 +405,7 @@ impl Choice {
                     tracing::warn!("{}: {e}", scratch.display());
                 }
                 (
-                    Box::new(K3sCoordinator {
+                    Arc::new(K3sCoordinator {
                         runner,
                         scratch,
                         ttl: TICKET_TTL,
@@ -348,19 +417,12 @@ impl Choice {
                 )
             }
         };
-        Box::new(Coordinated {
-            coordinator,
-            me,
-            role,
-            timing,
-            on_wait,
-        })
+        Box::new(Coordinated::new(coordinator, me, role, timing, on_wait))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
 
     use clutch_cluster::rollout::Turn;
     use clutch_cluster::state::Membership;
@@ -462,6 +524,8 @@ mod tests {
             poll: Duration::from_millis(1),
             settle: Duration::ZERO,
             retry: Duration::ZERO,
+            // Not within a test, but for the one that writes a slot slowly.
+            renew: Duration::from_secs(3600),
         }
     }
 
@@ -472,13 +536,13 @@ mod tests {
         let calls = store.calls.clone();
         let heard = Arc::new(Mutex::new(Vec::new()));
         let h = heard.clone();
-        let c = Coordinated {
-            coordinator: Box::new(store),
-            me: me(),
-            role: Role::Server,
-            timing: fast(),
-            on_wait: Box::new(move |r, why| h.lock().unwrap().push(format!("{r}: {why}"))),
-        };
+        let c = Coordinated::new(
+            Arc::new(store),
+            me(),
+            Role::Server,
+            fast(),
+            Box::new(move |r, why| h.lock().unwrap().push(format!("{r}: {why}"))),
+        );
         (c, calls, heard)
     }
 
@@ -559,6 +623,89 @@ mod tests {
         assert_eq!(
             *calls.lock().unwrap(),
             [Call::Keep(LEASE.into()), Call::Release(LEASE.into())]
+        );
+    }
+
+    /// Writes the slot slowly (a big release on an SD card).
+    struct SlowWrite(Fake, Duration);
+    impl flow::UpdateSys for SlowWrite {
+        fn download(
+            &self,
+            u: &str,
+            d: &std::path::Path,
+            l: u64,
+            p: &mut dyn FnMut(u64, Option<u64>),
+        ) -> Result<u64, String> {
+            self.0.download(u, d, l, p)
+        }
+        fn run(&self, p: &str, a: &[String]) -> Result<String, String> {
+            std::thread::sleep(self.1);
+            self.0.run(p, a)
+        }
+        fn reboot(&self, t: bool) -> Result<(), String> {
+            self.0.reboot(t)
+        }
+        fn now(&self) -> u64 {
+            self.0.now()
+        }
+        fn sleep(&self, s: u64) {
+            self.0.sleep(s)
+        }
+        fn uefi(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_held_ticket_is_renewed_while_the_slot_is_written() {
+        let n = node();
+        let store = FakeStore::default();
+        let calls = store.calls.clone();
+        let roll = Coordinated::new(
+            Arc::new(store),
+            me(),
+            Role::Server,
+            Timing {
+                renew: Duration::from_millis(10),
+                ..fast()
+            },
+            Box::new(|_, _| {}),
+        );
+        let sys = SlowWrite(
+            Fake {
+                files: set("2", &n.key),
+                ..Default::default()
+            },
+            Duration::from_millis(300),
+        );
+        let c = Ctx {
+            paths: &n.paths,
+            sys: &sys,
+            rollout: &roll,
+            run: running("1", Slot::A),
+        };
+        assert_eq!(flow::apply(&c, &src()), Ok(Some("2".try_into().unwrap())));
+        let seen = calls.lock().unwrap().clone();
+        let go = seen
+            .iter()
+            .rposition(|c| matches!(c, Call::Turn(_)))
+            .unwrap();
+        assert!(
+            seen[go..].contains(&Call::Keep(LEASE.into())),
+            "renewed after the turn came: {seen:?}"
+        );
+        // Given back: the renewing stops.
+        roll.after_commit(
+            &"2".try_into().unwrap(),
+            Some(&serde_json::to_value(the_ticket()).unwrap()),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let before = calls.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            before,
+            "no renewing once given back"
         );
     }
 
@@ -749,16 +896,16 @@ mod tests {
             }
         }
         let calls = store.calls.clone();
-        let roll = Coordinated {
-            coordinator: Box::new(BadLater(store)),
-            me: me(),
-            role: Role::Server,
-            timing: Timing {
+        let roll = Coordinated::new(
+            Arc::new(BadLater(store)),
+            me(),
+            Role::Server,
+            Timing {
                 wait: Duration::from_secs(60),
                 ..fast()
             },
-            on_wait: Box::new(|_, _| {}),
-        };
+            Box::new(|_, _| {}),
+        );
         let fake = Fake {
             files: set("2", &n.key),
             uefi: true,
@@ -847,13 +994,13 @@ mod tests {
         }
         let store = FakeStore::default();
         let calls = store.calls.clone();
-        let roll = Coordinated {
-            coordinator: Box::new(NoWrites(store)),
-            me: me(),
-            role: Role::Server,
-            timing: fast(),
-            on_wait: Box::new(|_, _| {}),
-        };
+        let roll = Coordinated::new(
+            Arc::new(NoWrites(store)),
+            me(),
+            Role::Server,
+            fast(),
+            Box::new(|_, _| {}),
+        );
         let t = serde_json::to_value(the_ticket()).unwrap();
         roll.after_rollback(&"2".try_into().unwrap(), "panic", Some(&t));
         assert!(
