@@ -1,8 +1,11 @@
 //! `clutch-firstboot update [--now] [--rollback]` and the boot-time `update --health`.
 
+use clutch_config::NodeConfig;
+
+use super::coordinated::{self, Timing};
 use super::flow::{self, Ctx, Health, Stop};
 use super::real::RealUpdateSys;
-use super::state::UpdateStatus;
+use super::state::{Live, UpdateStatus};
 use crate::facts::Paths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,10 +35,36 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
             return 1;
         }
     };
+    let config = node_config(paths);
+    let cluster = config.as_ref().ok().and_then(|c| c.cluster.as_ref());
+    // Told while waiting for the rollout's ticket: the status and this command's output.
+    let (release, slot, scheme) = (
+        run.release.to_string(),
+        run.slot.as_str().to_string(),
+        run.info.scheme.clone(),
+    );
+    let on_wait = Box::new(move |r: &clutch_config::Release, why: &str| {
+        println!("clutch: update: release {r} waits for its turn: {why}");
+        super::publish(
+            paths,
+            &Live {
+                release: release.clone(),
+                slot: slot.clone(),
+                update: UpdateStatus {
+                    state: "waiting".into(),
+                    release: r.to_string(),
+                    reason: why.to_string(),
+                    scheme: scheme.clone(),
+                    ..Default::default()
+                },
+            },
+        );
+    });
+    let rollout = coordinated::choose(paths, cluster).build(Timing::default(), on_wait);
     let ctx = Ctx {
         paths,
         sys: &RealUpdateSys,
-        rollout: &flow::Standalone,
+        rollout: rollout.as_ref(),
         run,
     };
     let r = match mode {
@@ -46,9 +75,17 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
             Health::GaveUp(r) => format!("release {r} given up; rebooting into the previous one"),
         }),
         Mode::Rollback => flow::rollback(&ctx).map(|r| format!("rebooting into release {r}")),
-        Mode::Check | Mode::Now => source(paths).and_then(|src| {
+        Mode::Check | Mode::Now => source(&config).and_then(|src| {
             if mode == Mode::Check {
                 let o = flow::check(&ctx, &src)?;
+                // Say so when the cluster stopped this release; only asking may fail.
+                if o.newer {
+                    match ctx.rollout.bad(&o.info.release) {
+                        Ok(Some(why)) => return Err(Stop::Refused(why)),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
                 let (state, what) = if o.newer {
                     (
                         "available",
@@ -83,6 +120,8 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
         Err(e) => {
             let (state, code) = match &e {
                 Stop::Refused(_) => ("refused", 3),
+                // EX_TEMPFAIL: not this node's turn; the next check tries again.
+                Stop::Later(_) => ("waiting", 75),
                 Stop::Failed(_) => ("failed", 1),
             };
             // A health check that gave up already said so; the rest say it here.
@@ -99,12 +138,18 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
     }
 }
 
-fn source(paths: &Paths) -> Result<clutch_config::UpdateSource, Stop> {
-    let loaded = crate::load::load(paths, &crate::load::read_sources(paths))
-        .map_err(|e| Stop::Failed(format!("the node config is not usable: {e}")))?;
-    loaded
-        .config
+fn node_config(paths: &Paths) -> Result<NodeConfig, Stop> {
+    crate::load::load(paths, &crate::load::read_sources(paths))
+        .map(|l| l.config)
+        .map_err(|e| Stop::Failed(format!("the node config is not usable: {e}")))
+}
+
+fn source(config: &Result<NodeConfig, Stop>) -> Result<clutch_config::UpdateSource, Stop> {
+    config
+        .as_ref()
+        .map_err(Clone::clone)?
         .update
-        .map(|u| u.source)
+        .as_ref()
+        .map(|u| u.source.clone())
         .ok_or_else(|| Stop::Failed("clutch.toml has no [update] source".into()))
 }

@@ -54,14 +54,29 @@ pub enum Gate {
     Go(Option<serde_json::Value>),
     /// Not now; why.
     Wait(String),
+    /// Never: the cluster found this release bad (who, why).
+    Refuse(String),
 }
 
 /// The seam for coordinated rollouts (one voter at a time, never losing quorum).
 pub trait Rollout {
+    /// Before anything is downloaded: has the cluster found `release` bad? (who and why)
+    fn bad(&self, _release: &Release) -> Result<Option<String>, String> {
+        Ok(None)
+    }
     fn before_reboot(&self, release: &Release) -> Result<Gate, String>;
+    /// While the release is on trial, every [`KEEP_EVERY_SECS`]: hold on to the ticket
+    /// (it lives on a lease that must outlive the reboot and the rejoin).
+    fn keep(&self, _release: &Release, _ticket: Option<&serde_json::Value>) {}
+    /// The node never went down (writing the slot failed): give the ticket back; nothing
+    /// was learnt about the release.
+    fn give_back(&self, _release: &Release, _why: &str, _ticket: Option<&serde_json::Value>) {}
     fn after_commit(&self, release: &Release, ticket: Option<&serde_json::Value>);
     fn after_rollback(&self, release: &Release, reason: &str, ticket: Option<&serde_json::Value>);
 }
+
+/// How often a release on trial renews the rollout ticket.
+pub const KEEP_EVERY_SECS: u64 = 30;
 
 /// A node on its own (no cluster, or engine `none`): always go.
 pub struct Standalone;
@@ -79,6 +94,9 @@ impl Rollout for Standalone {
 pub enum Stop {
     #[error("refused: {0}")]
     Refused(String),
+    /// Not this node's turn within the wait; the next check tries again.
+    #[error("waiting for the rollout: {0}")]
+    Later(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -436,15 +454,19 @@ pub fn apply(ctx: &Ctx<'_>, source: &UpdateSource) -> Result<Option<Release>, St
     if !offer.newer {
         return Ok(None);
     }
+    if let Some(why) = ctx.rollout.bad(&r).map_err(Stop::Failed)? {
+        return Err(Stop::Refused(why));
+    }
     download_all(ctx, source, &offer)?;
     let ticket = match ctx.rollout.before_reboot(&r).map_err(Stop::Failed)? {
         Gate::Go(t) => t,
         Gate::Wait(why) => {
             ctx.show(status("waiting", r.as_str(), &why));
-            return Err(Stop::Failed(format!("waiting for the rollout: {why}")));
+            return Err(Stop::Later(why));
         }
+        Gate::Refuse(why) => return Err(Stop::Refused(why)),
     };
-    let give_back = |why: &str| ctx.rollout.after_rollback(&r, why, ticket.as_ref());
+    let give_back = |why: &str| ctx.rollout.give_back(&r, why, ticket.as_ref());
     if let Err(e) = write_slot(ctx, &offer).and_then(|_| switch_for_trial(ctx, &r)) {
         give_back(&e.to_string());
         return Err(e);
@@ -514,6 +536,7 @@ pub fn health(ctx: &Ctx<'_>) -> Result<Health, Stop> {
         "waiting for phase=ready",
     ));
     let deadline = ctx.sys.now() + HEALTH_TIMEOUT_SECS;
+    let mut next_keep = 0;
     let why = loop {
         match phase(ctx) {
             Some((Phase::Ready, _)) => {
@@ -536,6 +559,10 @@ pub fn health(ctx: &Ctx<'_>) -> Result<Health, Stop> {
                 );
             }
             _ => {}
+        }
+        if ctx.sys.now() >= next_keep {
+            ctx.rollout.keep(&p.release, p.ticket.as_ref());
+            next_keep = ctx.sys.now() + KEEP_EVERY_SECS;
         }
         if ctx.sys.now() >= deadline {
             let ph = phase(ctx).map_or("unknown".to_string(), |(p, _)| p.to_string());
@@ -686,7 +713,7 @@ fn os_prefix_release(ctx: &Ctx<'_>, s: Slot) -> Option<Release> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::update::slot::Running;
     use crate::update::verify::AbInfo;
@@ -698,15 +725,15 @@ mod tests {
 
     /// Serves files from a map, records commands and reboots, and a clock that moves.
     #[derive(Default)]
-    struct Fake {
-        files: BTreeMap<String, Vec<u8>>,
-        ran: RefCell<Vec<String>>,
-        reboots: RefCell<Vec<bool>>,
-        clock: RefCell<u64>,
-        uefi: bool,
+    pub(crate) struct Fake {
+        pub(crate) files: BTreeMap<String, Vec<u8>>,
+        pub(crate) ran: RefCell<Vec<String>>,
+        pub(crate) reboots: RefCell<Vec<bool>>,
+        pub(crate) clock: RefCell<u64>,
+        pub(crate) uefi: bool,
         /// Written to status.json when the test sleeps (the node coming up).
-        phase_after_sleep: Option<Phase>,
-        status_path: PathBuf,
+        pub(crate) phase_after_sleep: Option<Phase>,
+        pub(crate) status_path: PathBuf,
     }
 
     impl UpdateSys for Fake {
@@ -758,13 +785,13 @@ mod tests {
         }
     }
 
-    struct Node {
+    pub(crate) struct Node {
         _d: tempfile::TempDir,
-        paths: Paths,
-        key: ed25519_dalek::SigningKey,
+        pub(crate) paths: Paths,
+        pub(crate) key: ed25519_dalek::SigningKey,
     }
 
-    fn node() -> Node {
+    pub(crate) fn node() -> Node {
         let d = tempfile::tempdir().unwrap();
         let paths = Paths::new(d.path(), "/boot/efi");
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
@@ -779,7 +806,7 @@ mod tests {
         Node { _d: d, paths, key }
     }
 
-    fn running(release: &str, slot: Slot) -> Running {
+    pub(crate) fn running(release: &str, slot: Slot) -> Running {
         Running {
             info: AbInfo {
                 scheme: "systemd-boot".into(),
@@ -796,7 +823,7 @@ mod tests {
     }
 
     /// A release set for `rel`, signed by `key`.
-    fn set(rel: &str, key: &ed25519_dalek::SigningKey) -> BTreeMap<String, Vec<u8>> {
+    pub(crate) fn set(rel: &str, key: &ed25519_dalek::SigningKey) -> BTreeMap<String, Vec<u8>> {
         let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let names = [
             format!("clutch_{rel}.root.raw.xz"),
@@ -822,7 +849,7 @@ mod tests {
         files
     }
 
-    fn src() -> UpdateSource {
+    pub(crate) fn src() -> UpdateSource {
         "http://10.0.0.1:8080/update/"
             .to_string()
             .try_into()
@@ -939,7 +966,7 @@ mod tests {
         );
     }
 
-    fn pending(n: &Node, rel: &str, from: &str) {
+    pub(crate) fn pending(n: &Node, rel: &str, from: &str) {
         UpdateState {
             pending: Some(Pending {
                 release: rel.try_into().unwrap(),

@@ -11,10 +11,11 @@
 //!
 //! The seam for coordinated cluster rollouts is [`flow::Rollout`]: asked before the node
 //! goes down (it may say wait), its ticket kept in the state across the reboot, told after
-//! the commit or the rollback.
+//! the commit or the rollback. [`coordinated`] implements it over the cluster's store.
 
 pub mod boot;
 pub mod cli;
+pub mod coordinated;
 pub mod fetch;
 pub mod flow;
 pub mod real;
