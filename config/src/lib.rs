@@ -2,6 +2,7 @@
 //!
 //! Every loader returns a [`ConfigError`] whose message names `file:line:col` and the key.
 
+pub mod ab;
 pub mod account;
 pub mod board;
 pub mod diag;

@@ -2,6 +2,7 @@
 //! loader entries and configs per scheme, systemd-sysupdate transfer definitions, the fstab
 //! and mounts that put the node's state on the data partition, and the release's metadata.
 
+pub use clutch_config::ab::{ReleaseInfo, autoboot_txt, esp_initrd, esp_kernel, syslinux_cfg};
 use clutch_config::{AbScheme, Release};
 
 use super::{AbPlan, DATA_LABEL, DATA_MOUNT, root_label, slot_boot_label};
@@ -70,14 +71,6 @@ pub fn cmdline(root: &str, board_and_image_args: &[String]) -> String {
     a.join(" ")
 }
 
-/// ESP paths of a release's kernel and initrd (systemd-boot scheme).
-pub fn esp_kernel(r: &Release) -> String {
-    format!("EFI/clutch/clutch_{r}.vmlinuz")
-}
-pub fn esp_initrd(r: &Release) -> String {
-    format!("EFI/clutch/clutch_{r}.initrd")
-}
-
 /// A Boot Loader Specification entry. `sort-key` + `version` make systemd-boot put the
 /// newest release first; entries without tries left go last, which is the fallback.
 pub fn loader_entry(r: &Release, cmdline: &str) -> String {
@@ -96,28 +89,6 @@ pub fn loader_entry(r: &Release, cmdline: &str) -> String {
 /// systemd-boot's loader.conf: no menu, the first `clutch_*` entry in its order.
 pub fn loader_conf() -> String {
     "timeout 0\nconsole-mode keep\ndefault clutch_*\n".into()
-}
-
-/// syslinux.cfg for legacy BIOS: one entry, the current release. clutch-firstboot rewrites
-/// it on update and rollback (syslinux cannot count boots).
-pub fn syslinux_cfg(r: &Release, cmdline: &str) -> String {
-    format!(
-        "SERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nDEFAULT clutch_{r}\n\
-         LABEL clutch_{r}\n  LINUX /{}\n  INITRD /{}\n  APPEND {cmdline}\n",
-        esp_kernel(r),
-        esp_initrd(r)
-    )
-}
-
-/// Raspberry Pi `autoboot.txt` on the first FAT partition: boot `slot_part` normally and
-/// `try_part` when the reboot asked for `tryboot` (`reboot "0 tryboot"`), per the firmware's
-/// `tryboot_a_b` mode.
-pub fn autoboot_txt(slot_part: u32, try_part: u32) -> String {
-    format!(
-        "# Written by clutch: the A/B boot partitions (see the Raspberry Pi documentation,\n\
-         # \"autoboot.txt\"). clutch-firstboot changes boot_partition when it commits a release.\n\
-         [all]\ntryboot_a_b=1\nboot_partition={slot_part}\n[tryboot]\nboot_partition={try_part}\n"
-    )
 }
 
 /// The `os_prefix=` line added to a Raspberry Pi 3's config.txt (the firmware loads the
@@ -211,22 +182,6 @@ pub fn transfers(p: &AbPlan) -> Vec<(String, String)> {
         AbScheme::OsPrefix => return Vec::new(),
     }
     t
-}
-
-/// `release.json` in `update/`: what the set is, for the node to check before anything
-/// is written (board, architecture, scheme, release).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReleaseInfo {
-    pub format: u32,
-    pub release: Release,
-    pub board: String,
-    pub arch: String,
-    pub scheme: String,
-    /// The files of the set (in `SHA256SUMS` too).
-    pub files: Vec<String>,
-    /// Bytes of the root file system once written.
-    pub root_bytes: u64,
 }
 
 /// Labels the builder writes, for the node and the tests: the release's slot boot label.

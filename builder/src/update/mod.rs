@@ -26,21 +26,7 @@ use clutch_config::{AbScheme, Board, ImageConfig, ImageSize, Release, UpdateSect
 
 use crate::disk::Extent;
 
-/// A root slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-}
+pub use clutch_config::ab::Slot;
 
 /// GPT partition type of a Linux root file system on this Debian architecture
 /// (the Discoverable Partitions Specification's, which systemd-sysupdate matches with

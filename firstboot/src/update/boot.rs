@@ -1,31 +1,11 @@
 //! The boot side of each A/B scheme, as pure functions over file names and contents:
 //! systemd-boot entries with boot counting (and syslinux for legacy BIOS), Raspberry Pi
-//! `autoboot.txt`, and Raspberry Pi 3 `os_prefix=`. The text formats are the builder's
-//! (both are checked against the same golden files).
+//! `autoboot.txt`, and Raspberry Pi 3 `os_prefix=`. The files the builder writes too
+//! (slot names, ESP paths, syslinux.cfg, autoboot.txt) come from `clutch_config::ab`.
 
 use clutch_config::Release;
 
-/// A root slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-}
+pub use clutch_config::ab::{Slot, autoboot_txt, esp_initrd, esp_kernel, syslinux_cfg};
 
 /// The board's A/B scheme (`/usr/lib/clutch/ab.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,33 +106,6 @@ pub fn entry_options(text: &str) -> Option<&str> {
     text.lines()
         .find_map(|l| l.strip_prefix("options"))
         .map(str::trim)
-}
-
-/// ESP paths of a release's kernel and initrd.
-pub fn esp_kernel(r: &Release) -> String {
-    format!("EFI/clutch/clutch_{r}.vmlinuz")
-}
-pub fn esp_initrd(r: &Release) -> String {
-    format!("EFI/clutch/clutch_{r}.initrd")
-}
-
-/// syslinux.cfg booting `r` (legacy BIOS has no boot counting: this is the switch).
-pub fn syslinux_cfg(r: &Release, cmdline: &str) -> String {
-    format!(
-        "SERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nDEFAULT clutch_{r}\n\
-         LABEL clutch_{r}\n  LINUX /{}\n  INITRD /{}\n  APPEND {cmdline}\n",
-        esp_kernel(r),
-        esp_initrd(r)
-    )
-}
-
-/// autoboot.txt: normally boot `slot_part`, on `reboot "0 tryboot"` boot `try_part`.
-pub fn autoboot_txt(slot_part: u32, try_part: u32) -> String {
-    format!(
-        "# Written by clutch: the A/B boot partitions (see the Raspberry Pi documentation,\n\
-         # \"autoboot.txt\"). clutch-firstboot changes boot_partition when it commits a release.\n\
-         [all]\ntryboot_a_b=1\nboot_partition={slot_part}\n[tryboot]\nboot_partition={try_part}\n"
-    )
 }
 
 /// The `boot_partition` of autoboot.txt's `[all]` section (the committed one).

@@ -116,17 +116,7 @@ pub fn check_file(sums: &BTreeMap<String, String>, name: &str, path: &Path) -> R
 }
 
 /// `release.json` as the builder writes it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReleaseInfo {
-    pub format: u32,
-    pub release: Release,
-    pub board: String,
-    pub arch: String,
-    pub scheme: String,
-    pub files: Vec<String>,
-    pub root_bytes: u64,
-}
+pub use clutch_config::ab::ReleaseInfo;
 
 /// What the node knows about its own image (`/usr/lib/clutch/ab.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
