@@ -73,3 +73,24 @@ pub struct ReleaseInfo {
     /// Bytes of the root file system once written.
     pub root_bytes: u64,
 }
+
+/// What a node needs to know about its own image (`/usr/lib/clutch/ab.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbInfo {
+    pub scheme: String,
+    pub board: String,
+    pub arch: String,
+    pub release: Release,
+}
+
+/// A state folder on the data partition and who owns it in this release
+/// (`/usr/lib/clutch/persistent.json`): a node applies it at every boot, so a release that
+/// adds a package (etcd) finds its folder owned by that package's user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistentDir {
+    pub dir: String,
+    pub node: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}

@@ -148,17 +148,7 @@ pub fn copy_into(disk_image: &Path, at: Extent, fs_image: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A state folder on the data partition and who owns it in this release: a node applies
-/// it at every boot (`/usr/lib/clutch/persistent.json`), so a release that adds a package
-/// (etcd) finds its folder owned by that package's user.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PersistentDir {
-    pub dir: String,
-    pub node: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-}
+pub use clutch_config::ab::PersistentDir;
 
 /// Moves the node's state folders out of the staged root into `data_tree` (keeping owners
 /// and modes: etcd's data folder belongs to `etcd`), leaving empty mount points behind.

@@ -23,14 +23,7 @@ pub const HEALTH_UNIT: &str = "clutch-update-health.service";
 pub const UPDATE_UNIT: &str = "clutch-update.service";
 pub const UPDATE_TIMER: &str = "clutch-update.timer";
 
-/// What the node needs to know about its own image (`/usr/lib/clutch/ab.json`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AbInfo {
-    pub scheme: String,
-    pub board: String,
-    pub arch: String,
-    pub release: String,
-}
+pub use clutch_config::ab::AbInfo;
 
 fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<()> {
     let p = crate::stage::resolve_in_root(root, rel)?;
@@ -90,7 +83,7 @@ pub fn stage(
         scheme: p.scheme.as_str().into(),
         board: board.name.to_string(),
         arch: p.arch.clone(),
-        release: p.release.to_string(),
+        release: p.release.clone(),
     };
     write(
         staging,

@@ -392,14 +392,20 @@ fn set_os_prefix(ctx: &Ctx<'_>, s: Slot) -> Result<(), Stop> {
         .map_err(|e| Stop::Failed(e.to_string()))
 }
 
-/// syslinux.cfg booting release `r`, with the options of `r`'s entry.
-fn set_syslinux(ctx: &Ctx<'_>, r: &Release) -> Result<(), Stop> {
+/// The boot entries folder on the ESP and the names of the files in it.
+fn entry_names(ctx: &Ctx<'_>) -> Result<(PathBuf, Vec<String>), Stop> {
     let dir = ctx.boot_file("loader/entries");
-    let names: Vec<String> = std::fs::read_dir(&dir)
+    let names = std::fs::read_dir(&dir)
         .map_err(|e| Stop::Failed(format!("{}: {e}", dir.display())))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
+    Ok((dir, names))
+}
+
+/// syslinux.cfg booting release `r`, with the options of `r`'s entry.
+fn set_syslinux(ctx: &Ctx<'_>, r: &Release) -> Result<(), Stop> {
+    let (dir, names) = entry_names(ctx)?;
     let e = boot::entries(names.iter().map(String::as_str))
         .into_iter()
         .find(|e| &e.release == r)
@@ -423,12 +429,7 @@ fn set_syslinux(ctx: &Ctx<'_>, r: &Release) -> Result<(), Stop> {
 
 /// Renames release `r`'s entry so systemd-boot sorts it last (no tries left).
 fn mark_entry_bad(ctx: &Ctx<'_>, r: &Release) -> Result<(), Stop> {
-    let dir = ctx.boot_file("loader/entries");
-    let names: Vec<String> = std::fs::read_dir(&dir)
-        .map_err(|e| Stop::Failed(format!("{}: {e}", dir.display())))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let (dir, names) = entry_names(ctx)?;
     for e in boot::entries(names.iter().map(String::as_str)) {
         if &e.release == r && !e.bad() {
             std::fs::rename(dir.join(&e.name), dir.join(e.bad_name()))

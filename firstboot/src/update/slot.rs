@@ -156,14 +156,7 @@ fn key_mode(name: &str) -> u32 {
 /// (`/usr/lib/clutch/persistent.json`, written by the builder).
 pub const PERSISTENT_INFO: &str = "/usr/lib/clutch/persistent.json";
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct PersistentDir {
-    pub dir: String,
-    pub node: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub mode: u32,
-}
+pub use clutch_config::ab::PersistentDir;
 
 /// One change to a state folder on the data partition.
 #[derive(Debug, Clone, PartialEq, Eq)]

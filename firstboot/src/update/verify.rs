@@ -10,7 +10,6 @@ use std::path::Path;
 use clutch_config::Release;
 use ed25519_dalek::pkcs8::DecodePublicKey;
 use ed25519_dalek::{Signature, VerifyingKey};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// Why a release is not applied. Each says it plainly, for the status.
@@ -119,13 +118,7 @@ pub fn check_file(sums: &BTreeMap<String, String>, name: &str, path: &Path) -> R
 pub use clutch_config::ab::ReleaseInfo;
 
 /// What the node knows about its own image (`/usr/lib/clutch/ab.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct AbInfo {
-    pub scheme: String,
-    pub board: String,
-    pub arch: String,
-    pub release: Release,
-}
+pub use clutch_config::ab::AbInfo;
 
 /// The verdict on an offered release: `Ok(true)` to apply, `Ok(false)` when it is the
 /// running one (nothing to do).
