@@ -100,16 +100,28 @@ pub fn write_atomic_owned(
             .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
             .open(&tmp)
             .map_err(|e| WriteError::new("creating", &tmp, e))?;
-        finish_file(&mut f, &tmp, path, data, mode, owner)
+        finish_file(&mut f, &tmp, path, data, mode, owner)?;
+        Ok(f)
     })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let f = match written {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(WriteError::new("renaming into", path, e));
     }
+    // vfat (the ESP, the Pi's boot partition) keeps a file's directory entry with its
+    // inode: a rename over an existing name frees the old file's clusters at once but
+    // writes the new entry only when the renamed inode is written back, which a directory
+    // fsync does not do. A power cut in between leaves the name pointing at freed
+    // clusters, and fsck.fat at the next boot truncates the file to nothing. Syncing the
+    // renamed file first writes that entry; on ext4 it is a no-op.
+    f.sync_all()
+        .map_err(|e| WriteError::new("fsync after renaming into", path, e))?;
     sync_dir(dir);
     Ok(())
 }

@@ -3,6 +3,11 @@
 //! disk; the node always comes back to `phase=ready` with the same node id, host name and
 //! loopback data.
 //!
+//! clutch.toml carries a password hash, a secret firstboot moves off the FAT partition at
+//! boot 2 (rewriting clutch.toml there) a few seconds before that boot's cut: the rewritten
+//! file must survive the cut and the ESP's fsck at the next boot (vfat writes a renamed
+//! file's directory entry only with the file's own metadata).
+//!
 //! The points are clutch-firstboot's hold points (firstboot/src/hold.rs), asked for with the
 //! systemd credential `clutch.hold` passed as an SMBIOS type 11 string: firstboot prints
 //! `clutch: hold=<point>` and waits there, and the test cuts the power. Deterministic: the
@@ -31,6 +36,8 @@ const GIB: u64 = 1 << 30;
 const DISK: &str = "6G";
 /// Bytes of the pattern written at the start of data0 (and 1 MiB at its end).
 const PATTERN_BYTES: u64 = 4 << 20;
+/// The user's password hash in clutch.toml (a secret moved off the FAT partition).
+const HASH: &str = "$y$j9T$powerCutSalt012$AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefg";
 
 /// The host name in the first `clutch: phase=<phase> host=<name>` line from `from`.
 fn phase_line(vm: &mut Vm, phase: &str) -> (String, usize) {
@@ -79,6 +86,9 @@ echo root_part_bytes=$(sudo blockdev --getsize64 $root)
 echo root_fs_bytes=$(sudo dumpe2fs -h $root 2>/dev/null | awk -F: '/^Block count/{c=$2} /^Block size/{s=$2} END{print c*s}')
 echo grow_done=$(sudo test -e /var/lib/clutch/done/grow-root && echo yes || echo no)
 echo unit_result=$(systemctl show -p Result --value clutch-firstboot)
+echo fat_version_lines=$(sudo grep -c '^version = 1' /boot/efi/clutch.toml || true)
+echo fat_hash_lines=$(sudo grep -c 'password_hash' /boot/efi/clutch.toml || true)
+echo stored_hash=$(sudo cat /var/lib/clutch/password-hash)
 "#;
 
 fn node_facts(port: u16) -> BTreeMap<String, String> {
@@ -105,7 +115,14 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
             t.contains("name = \"data0\"") && t.contains("size = \"2GiB\""),
             "image-configs/amd64-vm.toml no longer has the 2 GiB data0 device:\n{t}"
         );
-        t
+        assert!(
+            t.contains("\nname = \"admin\"\n"),
+            "image-configs/amd64-vm.toml no longer has user admin:\n{t}"
+        );
+        t.replace(
+            "\nname = \"admin\"\n",
+            &format!("\nname = \"admin\"\npassword_hash = \"{HASH}\"\n"),
+        )
     });
     let img = build_image(&cfg, "raw").expect("build the power-cut test image");
     let disk = overlay(&img, "powercut", Some(DISK)).unwrap();
@@ -126,9 +143,29 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
         let mut extra = smbios_credential("clutch.hold", point);
         extra.extend(["-nic".to_string(), "none".to_string()]);
         let mut vm = Vm::start(vm_opts(format!("powercut-{n}-{point}"), extra)).unwrap();
-        let (planned, _) = phase_line(&mut vm, "configuring");
-        vm.wait_for(&format!("clutch: hold={point}"), BOOT)
-            .unwrap_or_else(|e| vm.fail(&format!("{e:#}")));
+        let (planned, from) = phase_line(&mut vm, "configuring");
+        // The hold line; a phase line instead (a node that no longer loads its config ends
+        // `failed`) fails the test at once.
+        let mut from = from;
+        loop {
+            let next = vm
+                .wait_for_from(from, "clutch: ", BOOT)
+                .unwrap_or_else(|e| vm.fail(&format!("{e:#}")));
+            // The whole line: the console arrives in chunks.
+            let eol = vm
+                .wait_for_from(next, "\n", BOOT)
+                .unwrap_or_else(|e| vm.fail(&format!("{e:#}")));
+            let line = vm.console()[next..eol].trim().to_string();
+            if line == format!("hold={point}") {
+                break;
+            }
+            if line.starts_with("phase=") {
+                vm.fail(&format!(
+                    "boot {n}: `clutch: {line}` before `clutch: hold={point}`"
+                ));
+            }
+            from = eol;
+        }
         let secs = t.elapsed().as_secs_f64();
         // The power cut: SIGKILL to QEMU, whatever the guest had not written is gone.
         vm.kill();
@@ -261,6 +298,10 @@ fn power_cuts_during_first_boot_keep_identity_and_data() {
         "ext4 not grown to the partition"
     );
     assert_eq!(kv_get(&after, "grow_done"), "yes");
+    // clutch.toml on the ESP: rewritten without the hash at boot 2, intact after its cut.
+    assert_eq!(kv_get(&after, "fat_version_lines"), "1", "{after:#?}");
+    assert_eq!(kv_get(&after, "fat_hash_lines"), "0", "{after:#?}");
+    assert_eq!(kv_get(&after, "stored_hash"), HASH);
 
     // ---- a last cut while the node runs, then on the host: the root file system replays its
     // journal and is consistent.
