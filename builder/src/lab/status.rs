@@ -30,7 +30,22 @@ pub struct Live {
     pub role: String,
     pub members: Vec<String>,
     pub release: Option<String>,
+    /// The root slot the node runs (`a`, `b`; A/B images only).
+    pub slot: Option<String>,
+    pub update: Option<LiveUpdate>,
     pub error: Option<String>,
+}
+
+/// The `update` object of status.json: what the node's last or current update is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct LiveUpdate {
+    /// `checking`, `waiting`, `rebooting`, `trying`, `committed`, `rolled-back`, `refused`, ...
+    pub state: String,
+    /// The release it is about.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub release: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// Parses `/run/clutch/status.json`.
@@ -53,6 +68,15 @@ pub fn parse_status_json(text: &str) -> Result<Live, String> {
             })
             .unwrap_or_default(),
         release: s("release").filter(|r| !r.is_empty()),
+        slot: s("slot").filter(|r| !r.is_empty()),
+        update: v.get("update").and_then(|u| {
+            let f = |k: &str| u.get(k).and_then(|x| x.as_str()).unwrap_or_default();
+            (!f("state").is_empty()).then(|| LiveUpdate {
+                state: f("state").to_string(),
+                release: f("release").to_string(),
+                reason: f("reason").to_string(),
+            })
+        }),
         error: s("error").filter(|e| !e.is_empty()),
     })
 }
@@ -75,6 +99,10 @@ pub struct NodeStatus {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub member_names: Vec<String>,
     pub release: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<LiveUpdate>,
     pub error: Option<String>,
     /// Why status.json could not be read, when the row comes from the console.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +131,8 @@ impl NodeStatus {
             members: None,
             member_names: Vec::new(),
             release: None,
+            slot: None,
+            update: None,
             error: None,
             unreachable: None,
         };
@@ -115,6 +145,8 @@ impl NodeStatus {
                 r.members = Some(l.members.len());
                 r.member_names = l.members;
                 r.release = l.release;
+                r.slot = l.slot;
+                r.update = l.update;
                 r.error = l.error;
             }
             (Err(why), Some(p)) => {
@@ -158,6 +190,15 @@ impl NodeStatus {
                 Source::None => "-",
             }
         );
+        if let Some(slot) = &self.slot {
+            l += &format!(" slot={slot}");
+        }
+        if let Some(u) = &self.update {
+            l += &format!(" update={}", u.state);
+            if !u.release.is_empty() {
+                l += &format!("({})", u.release);
+            }
+        }
         if let Some(e) = &self.error {
             l += &format!(" error=\"{e}\"");
         }
@@ -200,6 +241,23 @@ mod tests {
         assert_eq!(j["phase"], "ready");
         assert_eq!(j["members"], 3);
         assert_eq!(j["member_names"][2], "lab-cccccc");
+        assert!(j.get("slot").is_none() && j.get("update").is_none(), "{j}");
+
+        // An A/B node: its slot and what its update is doing.
+        let ab = LIVE.replace(
+            r#""error":null"#,
+            r#""slot":"b","update":{"state":"refused","release":"3","reason":"release 3 was found bad by lab-bbbbbb","progress":null},"error":null"#,
+        );
+        let r = NodeStatus::new(&s.nodes[0], true, 1, parse_status_json(&ab), None);
+        assert!(
+            r.line().ends_with("source=status.json slot=b update=refused(3)"),
+            "{}",
+            r.line()
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["slot"], "b");
+        assert_eq!(j["update"]["state"], "refused");
+        assert_eq!(j["update"]["reason"], "release 3 was found bad by lab-bbbbbb");
 
         // Unreachable: the console line, said so.
         let r = NodeStatus::new(
@@ -230,6 +288,7 @@ mod tests {
             Some("clutch.toml:4:1: unknown key `bogus`")
         );
         assert_eq!(l.release, None);
+        assert_eq!((l.slot, l.update), (None, None));
         assert!(parse_status_json("{").is_err());
         assert!(parse_status_json("{}").unwrap_err().contains("phase"));
     }
