@@ -250,14 +250,18 @@ mod tests {
         );
         let r = NodeStatus::new(&s.nodes[0], true, 1, parse_status_json(&ab), None);
         assert!(
-            r.line().ends_with("source=status.json slot=b update=refused(3)"),
+            r.line()
+                .ends_with("source=status.json slot=b update=refused(3)"),
             "{}",
             r.line()
         );
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["slot"], "b");
         assert_eq!(j["update"]["state"], "refused");
-        assert_eq!(j["update"]["reason"], "release 3 was found bad by lab-bbbbbb");
+        assert_eq!(
+            j["update"]["reason"],
+            "release 3 was found bad by lab-bbbbbb"
+        );
 
         // Unreachable: the console line, said so.
         let r = NodeStatus::new(

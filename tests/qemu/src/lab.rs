@@ -135,6 +135,24 @@ impl Lab {
         }
     }
 
+    /// Runs `script` once on node `i` (no retry): whether it exited 0, and its output.
+    /// `connect` bounds the ssh handshake, `timeout` the whole run.
+    pub fn try_ssh(
+        &self,
+        i: usize,
+        script: &str,
+        connect: Duration,
+        timeout: Duration,
+    ) -> Result<(bool, String)> {
+        let cmd = vec!["sh".to_string(), "-c".into(), script.to_string()];
+        let opts = SshOpts {
+            connect_timeout_secs: connect.as_secs().max(1) as u32,
+        };
+        let argv = access::ssh_cmd(&self.state, &self.nodes[i], &cmd, opts);
+        let c = RealHost.output(&argv, timeout)?;
+        Ok((c.success(), format!("{}{}", c.stdout, c.stderr)))
+    }
+
     /// The last `lines` lines of every node's console, for failure messages.
     pub fn consoles(&self, lines: usize) -> String {
         let mut msg = String::new();

@@ -16,6 +16,10 @@
 //! (no stale or unstarted duplicate of it). Then, over the lab's access channel: a key written
 //! on one node is read on another, and with one VM killed the other two still accept writes.
 //!
+//! On the same formed cluster, a rolling update (lab/rollout.rs): release 2 goes through the
+//! nodes one at a time while a writer keeps writing, then a bad release 3 stops at the first
+//! node, which rolls back. Then one VM is killed for good.
+//!
 //! Last, on the same image with a broken clutch.toml on its FAT partition, one node ends
 //! `phase=failed` and `lab up --wait ready` must exit non-zero within a minute of that,
 //! showing the node's error.
@@ -27,6 +31,9 @@ use std::process::{Child, Command, Stdio};
 
 use clutch_qemu_tests::lab::{self, Lab, LabGuard, PhaseWatch, field};
 use clutch_qemu_tests::*;
+
+#[path = "lab/rollout.rs"]
+mod rollout;
 
 /// TCG, three guests on two cores: boot, etcd start and formation all run slowly; the
 /// power-cut node boots a second time. (`--timeout` of the recipe's `lab up --wait`.)
@@ -72,7 +79,10 @@ fn member_lines(list: &str) -> Vec<&str> {
 fn three_vms_form_an_etcd_cluster() {
     let _one = serial_lock();
     let t_test = Instant::now();
-    let cfg = test_config("amd64-lab", "amd64-lab", |t| t);
+    // Release 1 of the lab image, with `[update]` for the rolling update.
+    let cfg = test_config("amd64-lab", "amd64-lab", |t| {
+        rollout::as_release(t, "1", "")
+    });
     let dir = artifacts().join("lab");
     lab::clean(&dir);
     let _down = LabGuard(dir.clone());
@@ -412,6 +422,8 @@ fn three_vms_form_an_etcd_cluster() {
         )
         .unwrap();
     assert_eq!(v.trim(), "power-cut-node");
+
+    rollout::run(&lab, &dir);
 
     // Kill one VM for good: the other two keep quorum and accept writes.
     let last = lab.nodes.len() - 1;
