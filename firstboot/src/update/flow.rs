@@ -345,6 +345,16 @@ fn write_os_prefix_slot(ctx: &Ctx<'_>, offer: &Offer) -> Result<(), Stop> {
     Ok(())
 }
 
+/// Keeps the engine's configuration of this slot for slot `to` (see [`slot::hand_over`]).
+fn hand_over(ctx: &Ctx<'_>, to: Slot) -> Result<(), Stop> {
+    super::slot::hand_over(ctx.paths, to).map_err(|e| {
+        Stop::Failed(format!(
+            "keeping the cluster engine's configuration for slot {}: {e}",
+            to.as_str()
+        ))
+    })
+}
+
 /// Points the boot loader at `r` for the trial boot where clutch has to (the rest boots the
 /// newest entry by itself). Returns whether the reboot is a Pi `tryboot`.
 fn switch_for_trial(ctx: &Ctx<'_>, r: &Release) -> Result<bool, Stop> {
@@ -468,7 +478,11 @@ pub fn apply(ctx: &Ctx<'_>, source: &UpdateSource) -> Result<Option<Release>, St
         Gate::Refuse(why) => return Err(Stop::Refused(why)),
     };
     let give_back = |why: &str| ctx.rollout.give_back(&r, why, ticket.as_ref());
-    if let Err(e) = write_slot(ctx, &offer).and_then(|_| switch_for_trial(ctx, &r)) {
+    let to = ctx.run.slot.other();
+    if let Err(e) = write_slot(ctx, &offer)
+        .and_then(|_| hand_over(ctx, to))
+        .and_then(|_| switch_for_trial(ctx, &r))
+    {
         give_back(&e.to_string());
         return Err(e);
     }
@@ -695,6 +709,7 @@ pub fn rollback(ctx: &Ctx<'_>) -> Result<Release, Stop> {
         "rolled back by command to release {other_release} on slot {}",
         other.as_str()
     );
+    hand_over(ctx, other)?;
     st.pending = None;
     finish(
         ctx,
@@ -1105,9 +1120,23 @@ pub(crate) mod tests {
             "options root=PARTLABEL=clutch_2 rw\n",
         )
         .unwrap();
+        // The member settings etcd was started with, in this slot's /etc.
+        let env = n.paths.host("/etc/default/etcd");
+        std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+        std::fs::write(&env, "ETCD_NAME=node-a\n").unwrap();
         apply(&ctx(&n, &fake, running("1", Slot::A)), &src()).unwrap();
         let cfg = std::fs::read_to_string(n.paths.host("/boot/efi/syslinux/syslinux.cfg")).unwrap();
         assert!(cfg.contains("DEFAULT clutch_2\n"), "{cfg}");
+        // ... handed over to slot b before the reboot.
+        let engine = n.paths.host("/var/lib/clutch/identity/engine");
+        assert_eq!(
+            std::fs::read_to_string(engine.join("for-slot")).unwrap(),
+            "b\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(engine.join("etc_default_etcd")).unwrap(),
+            "ETCD_NAME=node-a\n"
+        );
         assert!(cfg.contains("APPEND root=PARTLABEL=clutch_2 rw\n"), "{cfg}");
         // Back by command needs to know what the other slot holds: its GPT label in sysfs.
         let w = |rel: &str, body: &str| {
@@ -1120,6 +1149,10 @@ pub(crate) mod tests {
         UpdateState::default().save(&n.paths).unwrap();
         let back = rollback(&ctx(&n, &f2, running("2", Slot::B))).unwrap();
         assert_eq!(back.as_str(), "1");
+        assert_eq!(
+            std::fs::read_to_string(engine.join("for-slot")).unwrap(),
+            "a\n"
+        );
         let cfg = std::fs::read_to_string(n.paths.host("/boot/efi/syslinux/syslinux.cfg")).unwrap();
         assert!(cfg.contains("DEFAULT clutch_1\n"), "{cfg}");
         assert_eq!(*f2.reboots.borrow(), [false]);

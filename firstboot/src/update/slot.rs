@@ -249,7 +249,93 @@ pub fn carry_in(paths: &Paths) -> Vec<String> {
         Ok(false) => {}
         Err(e) => tracing::warn!("keeping the machine id for this slot: {e}"),
     }
+    take_handover(paths, &mut done);
     done
+}
+
+/// The cluster engine's own configuration, written into `/etc` of the running slot when the
+/// node joined (etcd's member settings, k3s's config and unit). A new slot has the
+/// packaged defaults there: started on those, etcd would run as a lone default member on
+/// localhost instead of this node's member. Handed over when the node leaves a slot.
+const ENGINE_FILES: &[(&str, u32)] = &[
+    (clutch_cluster::engine::etcd::ENV_FILE, 0o644),
+    (clutch_cluster::engine::k3s::CONFIG, 0o600),
+    (clutch_cluster::engine::k3s::UNIT_FILE, 0o644),
+];
+
+/// Where [`hand_over`] keeps the engine files (node path), and the slot they are for.
+const HANDOVER_DIR: &str = "/var/lib/clutch/identity/engine";
+const HANDOVER_FOR: &str = "for-slot";
+
+fn handover_name(node_path: &str) -> String {
+    node_path.trim_start_matches('/').replace('/', "_")
+}
+
+/// Before rebooting into slot `to`: keeps this slot's engine files on the data partition
+/// for `to`, which takes them at its next boot ([`carry_in`]). Only the slot named gets
+/// them, so a slot that falls back to the one it came from keeps its own.
+pub fn hand_over(paths: &Paths, to: Slot) -> std::io::Result<()> {
+    let dir = paths.host(HANDOVER_DIR);
+    // The target first cleared, so an interrupted hand-over is never taken half-done.
+    match std::fs::remove_file(dir.join(HANDOVER_FOR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    for (f, mode) in ENGINE_FILES {
+        let kept = dir.join(handover_name(f));
+        match std::fs::read(paths.host(f)) {
+            Ok(data) => {
+                fsx::write_if_changed(&kept, &data, *mode)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::remove_file(&kept) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    fsx::write_atomic(
+        &dir.join(HANDOVER_FOR),
+        format!(
+            "{}
+",
+            to.as_str()
+        )
+        .as_bytes(),
+        0o600,
+    )
+}
+
+/// The engine files handed over to this slot, into it (once: the hand-over is cleared).
+fn take_handover(paths: &Paths, done: &mut Vec<String>) {
+    let dir = paths.host(HANDOVER_DIR);
+    let Ok(for_slot) = std::fs::read_to_string(dir.join(HANDOVER_FOR)) else {
+        return;
+    };
+    let here = match detect(paths) {
+        Ok(Some(r)) => r.slot,
+        _ => return,
+    };
+    if for_slot.trim() != here.as_str() {
+        return;
+    }
+    for (f, mode) in ENGINE_FILES {
+        match copy_if_different(&dir.join(handover_name(f)), &paths.host(f), *mode) {
+            Ok(true) => done.push((*f).to_string()),
+            Ok(false) => {}
+            Err(e) => {
+                // Left in place: the next boot tries again.
+                tracing::warn!("taking over {f} from the slot before: {e}");
+                return;
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_file(dir.join(HANDOVER_FOR)) {
+        tracing::warn!("clearing the engine hand-over: {e}");
+    }
+    fsx::sync_dir(&dir);
 }
 
 /// After the node setup: what the setup made (host keys, machine id) is kept for the
@@ -386,6 +472,47 @@ mod tests {
             "PRIVATE"
         );
         assert!(!per_slot("grow-root") && !per_slot("mkfs-data0"));
+    }
+
+    #[test]
+    fn the_engine_files_go_to_the_slot_the_node_reboots_into_only() {
+        let (_d, p) = ab_root();
+        let env = "ETCD_NAME=lab-1\nETCD_DATA_DIR=/var/lib/etcd/clutch\n";
+        std::fs::create_dir_all(p.host("/etc/default")).unwrap();
+        std::fs::write(p.host("/etc/default/etcd"), env).unwrap();
+        // This test root runs slot b; the node leaves it for slot a.
+        hand_over(&p, Slot::A).unwrap();
+        let kept = p.host("/var/lib/clutch/identity/engine/etc_default_etcd");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), env);
+        // Slot b boots again (the trial of a fell back): its own file stays, and the
+        // hand-over waits for slot a.
+        std::fs::write(p.host("/etc/default/etcd"), "# packaged\n").unwrap();
+        assert!(carry_in(&p).is_empty());
+        assert_eq!(
+            std::fs::read_to_string(p.host("/etc/default/etcd")).unwrap(),
+            "# packaged\n"
+        );
+        // Handed over to b (the slot this root runs): taken once.
+        std::fs::write(p.host("/etc/default/etcd"), env).unwrap();
+        hand_over(&p, Slot::B).unwrap();
+        std::fs::write(p.host("/etc/default/etcd"), "# packaged\n").unwrap();
+        assert_eq!(carry_in(&p), ["/etc/default/etcd"]);
+        assert_eq!(
+            std::fs::read_to_string(p.host("/etc/default/etcd")).unwrap(),
+            env
+        );
+        let m = std::fs::metadata(p.host("/etc/default/etcd")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(m.permissions().mode() & 0o777, 0o644);
+        // Once: a later change in the slot is not overwritten at the next boot.
+        std::fs::write(p.host("/etc/default/etcd"), "ETCD_NAME=lab-1\n# rejoined\n").unwrap();
+        assert!(carry_in(&p).is_empty());
+        // k3s's files were absent: none kept, none made.
+        assert!(!p.host("/etc/rancher/k3s/config.yaml").exists());
+        assert!(
+            !p.host("/var/lib/clutch/identity/engine/etc_rancher_k3s_config.yaml")
+                .exists()
+        );
     }
 
     #[test]

@@ -130,6 +130,13 @@ pub fn render_env(s: &EnvSpec<'_>) -> String {
     )
 }
 
+/// Is `env_text` an env file [`render_env`] wrote (not the one Debian's package ships)?
+pub fn is_clutch_env(env_text: &str) -> bool {
+    env_text
+        .lines()
+        .any(|l| l.starts_with("ETCD_INITIAL_CLUSTER_TOKEN=clutch-"))
+}
+
 /// The member id recorded in an env file by [`render_env`].
 pub fn env_member(env_text: &str) -> Option<u64> {
     env_text.lines().find_map(|l| {

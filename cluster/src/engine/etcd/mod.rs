@@ -457,6 +457,15 @@ impl Engine for EtcdEngine {
     }
     fn resume(&self, _me: &LocalNode, role: Role) -> Result<(), EngineError> {
         if role == Role::Server {
+            // Without clutch's member settings (a root slot that did not get them), etcd
+            // would start as a lone default member on localhost and answer the health
+            // check: a node that looks ready but is not in its cluster.
+            if !self.env_text().is_some_and(|t| env::is_clutch_env(&t)) {
+                return Err(EngineError::BadInfo(format!(
+                    "{} does not hold this node's etcd member settings (written when it joined); not starting etcd on the packaged defaults",
+                    self.env_path().display()
+                )));
+            }
             self.restart()?;
         }
         Ok(())

@@ -598,3 +598,28 @@ fn a_rejoin_whose_old_data_dir_does_not_come_up_starts_over_empty() {
         vec!["restart etcd", "stop etcd", "restart etcd"]
     );
 }
+
+#[test]
+fn a_server_resumes_only_on_the_member_settings_clutch_wrote() {
+    let d = tempfile::tempdir().unwrap();
+    let (e, _r, s) = engine(d.path(), |_| CmdOutput::success(""));
+    std::fs::create_dir_all(e.env_path().parent().unwrap()).unwrap();
+    std::fs::write(
+        e.env_path(),
+        "ETCD_NAME=node-a\nETCD_INITIAL_CLUSTER_TOKEN=clutch-0123\n",
+    )
+    .unwrap();
+    e.resume(&me(), Role::Server).unwrap();
+    assert_eq!(*s.0.lock().unwrap(), ["restart etcd"]);
+    // A root slot with Debian's packaged /etc/default/etcd: etcd is not started on it.
+    std::fs::write(e.env_path(), "# ETCD_NAME=\"default\"\n").unwrap();
+    s.0.lock().unwrap().clear();
+    let err = e.resume(&me(), Role::Server).unwrap_err().to_string();
+    assert!(
+        err.contains("/etc/default/etcd") && err.contains("member settings"),
+        "{err}"
+    );
+    assert!(s.0.lock().unwrap().is_empty());
+    // Agents run no member: nothing to check.
+    e.resume(&me(), Role::Agent).unwrap();
+}
