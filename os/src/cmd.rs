@@ -68,6 +68,76 @@ impl CommandRunner for RealRunner {
     }
 }
 
+/// Runs programs for real, killing one that is still running after `limit` (a client whose
+/// server is gone can wait forever: `etcdctl lease keep-alive --once` ignores its own
+/// `--command-timeout`). A killed run is an [`io::ErrorKind::TimedOut`] error.
+pub struct TimeLimitedRunner {
+    pub limit: std::time::Duration,
+}
+
+impl CommandRunner for TimeLimitedRunner {
+    fn run(
+        &self,
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> io::Result<CmdOutput> {
+        use std::io::Read;
+        let mut child = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // Both pipes drained while waiting, so a chatty program never blocks on a full one.
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut b = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut b);
+                }
+                b
+            })
+        };
+        let out = drain(
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let err = drain(
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let deadline = std::time::Instant::now() + self.limit;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{program} still running after {} s; killed",
+                        self.limit.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        Ok(CmdOutput {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
+            stderr: String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
+        })
+    }
+}
+
 /// Replaces known secret values with `<redacted>` in text that is about to be logged or put
 /// into an error.
 #[derive(Clone, Debug, Default)]
@@ -249,5 +319,34 @@ mod tests {
         assert!(f.run("x", &["ok".into()], &[]).unwrap().ok());
         assert!(!f.run("x", &["fail".into()], &[]).unwrap().ok());
         assert_eq!(f.lines(), vec!["x ok", "x fail"]);
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_program_past_its_limit_is_killed_and_says_so() {
+        let r = TimeLimitedRunner {
+            limit: Duration::from_millis(300),
+        };
+        let t = Instant::now();
+        let e = r.run("sleep", &["30".into()], &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("sleep still running"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let o = r
+            .run(
+                "sh",
+                &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            (o.code, o.stdout.as_str(), o.stderr.as_str()),
+            (3, "out\n", "err\n")
+        );
     }
 }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use clutch_cluster::Role;
 use clutch_cluster::engine::etcd::{TLS_DIR, env::LOCAL_ENDPOINT, env::client_url};
 use clutch_cluster::rollout::etcd::{EtcdCoordinator, TlsClient};
 use clutch_cluster::rollout::k3s::K3sCoordinator;
@@ -27,9 +28,9 @@ use clutch_cluster::rollout::{
     Acquired, BadRelease, Coordinator, Me, RolloutError, Ticket, acquire,
 };
 use clutch_cluster::state::Store;
-use clutch_cluster::{Role, sys::RealRunner};
 use clutch_config::schema::Engine;
 use clutch_config::{Cluster, Release};
+use clutch_os::cmd::TimeLimitedRunner;
 use serde_json::Value;
 
 use super::flow::{Gate, Rollout, Standalone};
@@ -374,10 +375,19 @@ pub fn choose(paths: &Paths, cluster: Option<&Cluster>) -> Choice {
     }
 }
 
+/// The longest one etcdctl or kubectl call may take (each has its own shorter dial and
+/// command timeouts; `endpoint health --cluster` dials every member).
+const STORE_CALL_LIMIT: Duration = Duration::from_secs(30);
+
 impl Choice {
     /// The rollout this choice means.
     pub fn build<'a>(self, timing: Timing, on_wait: OnWait<'a>) -> Box<dyn Rollout + 'a> {
-        let runner = Arc::new(RealRunner);
+        // Every store call bounded: a lease keep-alive to a member that is down (a release
+        // whose etcd does not start) never returns by itself, and the health check that
+        // must roll that release back would wait on it forever.
+        let runner = Arc::new(TimeLimitedRunner {
+            limit: STORE_CALL_LIMIT,
+        });
         let (coordinator, me, role): (Arc<dyn Coordinator>, Me, Role) = match self {
             Choice::Alone(why) => {
                 tracing::info!("rollout: updating without coordination: {why}");
