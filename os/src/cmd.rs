@@ -70,7 +70,9 @@ impl CommandRunner for RealRunner {
 
 /// Runs programs for real, killing one that is still running after `limit` (a client whose
 /// server is gone can wait forever: `etcdctl lease keep-alive --once` ignores its own
-/// `--command-timeout`). A killed run is an [`io::ErrorKind::TimedOut`] error.
+/// `--command-timeout`). The program runs in its own process group and the whole group is
+/// killed, so nothing it started keeps running or holds its output open. A killed run is an
+/// [`io::ErrorKind::TimedOut`] error with what it had printed to stderr.
 pub struct TimeLimitedRunner {
     pub limit: std::time::Duration,
 }
@@ -83,58 +85,108 @@ impl CommandRunner for TimeLimitedRunner {
         env: &[(String, String)],
     ) -> io::Result<CmdOutput> {
         use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        use std::sync::mpsc;
+        use std::time::Instant;
+
+        let deadline = Instant::now() + self.limit;
         let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()?;
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let kill_group = || {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        };
         // Both pipes drained while waiting, so a chatty program never blocks on a full one.
-        let drain = |r: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+        let drain = |is_out: bool, r: Option<Box<dyn Read + Send>>| {
+            let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut b = Vec::new();
                 if let Some(mut r) = r {
                     let _ = r.read_to_end(&mut b);
                 }
-                b
-            })
+                let _ = tx.send((is_out, b));
+            });
         };
-        let out = drain(
+        drain(
+            true,
             child
                 .stdout
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
         );
-        let err = drain(
+        drain(
+            false,
             child
                 .stderr
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
         );
-        let deadline = std::time::Instant::now() + self.limit;
+        drop(tx);
         let status = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
+            match child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Ok(None) => break None,
+                Err(e) => {
+                    kill_group();
+                    let _ = child.wait();
+                    return Err(e);
+                }
             }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{program} still running after {} s; killed",
-                        self.limit.as_secs()
-                    ),
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        Ok(CmdOutput {
-            code: status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
-            stderr: String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
-        })
+        if status.is_none() {
+            kill_group();
+            let _ = child.wait();
+        }
+        // The output, until the pipes close or the deadline (a process the program left
+        // behind may hold them open: the group is killed then).
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = match rx.recv_timeout(left.max(std::time::Duration::from_millis(200))) {
+                Ok(g) => g,
+                Err(_) => {
+                    kill_group();
+                    match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Ok(g) => g,
+                        Err(_) => break,
+                    }
+                }
+            };
+            if got.0 {
+                out = got.1;
+            } else {
+                err = got.1;
+            }
+        }
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match status {
+            Some(st) => Ok(CmdOutput {
+                code: st.code().unwrap_or(-1),
+                stdout: text(&out),
+                stderr: text(&err),
+            }),
+            None => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{program} still running after {:?}; killed{}",
+                    self.limit,
+                    match text(&err).trim() {
+                        "" => String::new(),
+                        e => format!(" (it said: {e})"),
+                    }
+                ),
+            )),
+        }
     }
 }
 
@@ -337,6 +389,13 @@ mod limit_tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("sleep still running"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+        // What it left behind is killed too, and does not hold the call up.
+        let t = Instant::now();
+        let o = r
+            .run("sh", &["-c".into(), "sleep 30 & echo started".into()], &[])
+            .unwrap();
+        assert_eq!(o.stdout, "started\n");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         let o = r
             .run(
                 "sh",

@@ -119,7 +119,8 @@ pub fn write_atomic_owned(
     // writes the new entry only when the renamed inode is written back, which a directory
     // fsync does not do. A power cut in between leaves the name pointing at freed
     // clusters, and fsck.fat at the next boot truncates the file to nothing. Syncing the
-    // renamed file first writes that entry; on ext4 it is a no-op.
+    // renamed file first writes that entry (a window of the rename call itself remains); on
+    // ext4 it is cheap.
     f.sync_all()
         .map_err(|e| WriteError::new("fsync after renaming into", path, e))?;
     sync_dir(dir);

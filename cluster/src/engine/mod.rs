@@ -102,6 +102,9 @@ pub enum EngineError {
     },
     #[error("join info: {0}")]
     BadInfo(String),
+    /// The engine's configuration on this node is not the one clutch wrote when it joined.
+    #[error("{}: {why}", path.display())]
+    NotConfigured { path: PathBuf, why: String },
     #[error("certificates: {0}")]
     Pki(#[from] PkiError),
 }

@@ -80,6 +80,12 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
                 let o = flow::check(&ctx, &src)?;
                 // Say so when the cluster stopped this release; only asking may fail.
                 if o.newer {
+                    ctx.show(UpdateStatus {
+                        state: "checking".into(),
+                        release: o.info.release.to_string(),
+                        source: src.to_string(),
+                        ..Default::default()
+                    });
                     match ctx.rollout.bad(&o.info.release) {
                         Ok(Some(why)) => return Err(Stop::Refused(why)),
                         Ok(None) => {}
@@ -126,8 +132,13 @@ pub fn main(paths: &Paths, mode: Mode) -> i32 {
             };
             // A health check that gave up already said so; the rest say it here.
             if mode != Mode::Health {
+                // The release this command was about, as the last status of this run said.
+                let release = Live::load(&Live::path(paths))
+                    .map(|l| l.update.release)
+                    .unwrap_or_default();
                 ctx.show(UpdateStatus {
                     state: state.into(),
+                    release,
                     reason: e.to_string(),
                     ..Default::default()
                 });

@@ -465,6 +465,7 @@ pub fn apply(ctx: &Ctx<'_>, source: &UpdateSource) -> Result<Option<Release>, St
     if !offer.newer {
         return Ok(None);
     }
+    ctx.show(status("checking", r.as_str(), source.as_str()));
     if let Some(why) = ctx.rollout.bad(&r).map_err(Stop::Failed)? {
         return Err(Stop::Refused(why));
     }
@@ -686,6 +687,8 @@ pub fn rollback(ctx: &Ctx<'_>) -> Result<Release, Stop> {
             other.as_str()
         ))
     })?;
+    // Before the boot loader is switched: a hand-over that fails leaves the node as it was.
+    hand_over(ctx, other)?;
     match ctx.run.scheme {
         Scheme::SystemdBoot if ctx.sys.uefi() => mark_entry_bad(ctx, &ctx.run.release)?,
         Scheme::SystemdBoot => set_syslinux(ctx, &other_release)?,
@@ -709,7 +712,6 @@ pub fn rollback(ctx: &Ctx<'_>) -> Result<Release, Stop> {
         "rolled back by command to release {other_release} on slot {}",
         other.as_str()
     );
-    hand_over(ctx, other)?;
     st.pending = None;
     finish(
         ctx,

@@ -298,12 +298,7 @@ pub fn hand_over(paths: &Paths, to: Slot) -> std::io::Result<()> {
     }
     fsx::write_atomic(
         &dir.join(HANDOVER_FOR),
-        format!(
-            "{}
-",
-            to.as_str()
-        )
-        .as_bytes(),
+        format!("{}\n", to.as_str()).as_bytes(),
         0o600,
     )
 }
@@ -322,11 +317,17 @@ fn take_handover(paths: &Paths, done: &mut Vec<String>) {
         return;
     }
     for (f, mode) in ENGINE_FILES {
-        match copy_if_different(&dir.join(handover_name(f)), &paths.host(f), *mode) {
+        // Only a file that was not kept is skipped; any other read error leaves the
+        // hand-over in place for the next boot.
+        let taken = match std::fs::read(dir.join(handover_name(f))) {
+            Ok(data) => fsx::write_if_changed(&paths.host(f), &data, *mode),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        };
+        match taken {
             Ok(true) => done.push((*f).to_string()),
             Ok(false) => {}
             Err(e) => {
-                // Left in place: the next boot tries again.
                 tracing::warn!("taking over {f} from the slot before: {e}");
                 return;
             }

@@ -461,10 +461,10 @@ impl Engine for EtcdEngine {
             // would start as a lone default member on localhost and answer the health
             // check: a node that looks ready but is not in its cluster.
             if !self.env_text().is_some_and(|t| env::is_clutch_env(&t)) {
-                return Err(EngineError::BadInfo(format!(
-                    "{} does not hold this node's etcd member settings (written when it joined); not starting etcd on the packaged defaults",
-                    self.env_path().display()
-                )));
+                return Err(EngineError::NotConfigured {
+                    path: self.env_path(),
+                    why: "does not hold this node's etcd member settings (written when it joined); not starting etcd on the packaged defaults".into(),
+                });
             }
             self.restart()?;
         }

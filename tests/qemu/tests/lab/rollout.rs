@@ -90,6 +90,10 @@ fn build_releases() -> (PathBuf, PathBuf) {
     (r2, r3)
 }
 
+fn console_bytes(n: &clutch_builder::lab::NodeSpec) -> Vec<u8> {
+    std::fs::read(&n.console).unwrap_or_default()
+}
+
 /// A console line of interest, when the test saw it.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -108,24 +112,28 @@ struct Consoles {
 impl Consoles {
     fn new(lab: &Lab, t0: Instant) -> Consoles {
         Consoles {
-            from: lab
-                .nodes
-                .iter()
-                .map(|n| ops::console_text(n).len())
-                .collect(),
+            from: lab.nodes.iter().map(|n| console_bytes(n).len()).collect(),
             seen: Vec::new(),
             t0,
         }
     }
 
+    /// The complete lines each console got since the last poll (raw bytes: a console may
+    /// end in the middle of a line or of a character).
     fn poll(&mut self, lab: &Lab) {
         for (i, n) in lab.nodes.iter().enumerate() {
-            let text = ops::console_text(n);
-            let Some(end) = text.get(self.from[i]..).and_then(|t| t.rfind('\n')) else {
+            let bytes = console_bytes(n);
+            assert!(
+                bytes.len() >= self.from[i],
+                "{}'s console log shrank",
+                n.name
+            );
+            let Some(end) = bytes[self.from[i]..].iter().rposition(|&b| b == b'\n') else {
                 continue;
             };
             let end = self.from[i] + end + 1;
-            for l in text[self.from[i]..end].lines() {
+            let text = String::from_utf8_lossy(&bytes[self.from[i]..end]).into_owned();
+            for l in text.lines() {
                 if let Some(p) = l
                     .find("clutch: update ")
                     .or_else(|| l.find("clutch: phase="))
@@ -163,6 +171,16 @@ impl Consoles {
             }
         }
         v
+    }
+}
+
+/// Tells the writer to stop when dropped, also when an assertion fails (the scope that runs
+/// it joins it before the panic goes on).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -217,8 +235,19 @@ fn rows(dir: &Path) -> Vec<serde_json::Value> {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    v["nodes"].as_array().cloned().unwrap_or_default()
+    let said = || {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(o.status.success(), "clutch lab status --json: {}", said());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("clutch lab status --json: {e}: {}", said()));
+    let rows = v["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 3, "clutch lab status --json: {}", said());
+    rows
 }
 
 fn lab_update(dir: &Path, folder: &Path) {
@@ -248,6 +277,7 @@ pub fn run(lab: &Lab, dir: &Path) {
     let writes = Mutex::new(Writes::default());
     let n = lab.nodes.len();
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         s.spawn(|| writer(lab, &stop, &writes, t0));
         // Let the writer get going before anything goes down.
         std::thread::sleep(Duration::from_secs(5));
@@ -255,7 +285,9 @@ pub fn run(lab: &Lab, dir: &Path) {
         let done = loop {
             c.poll(lab);
             let down = c.down("2");
-            // Never two nodes down at once.
+            // Never two nodes down at once. (Times are when this loop saw the lines, every
+            // ~2 s; safe because the next node writes its slot for minutes after it gets
+            // the ticket, before it goes down.)
             for (k, a) in down.iter().enumerate() {
                 for b in &down[k + 1..] {
                     let a_end = a.2.unwrap_or(Duration::MAX);
