@@ -344,19 +344,24 @@ mod tests {
     }
 
     #[test]
-    fn real_runner_captures_output_and_code() {
-        let o = RealRunner
-            .run(
-                "sh",
-                &["-c".into(), "echo out; echo err >&2; exit 3".into()],
-                &[],
-            )
-            .unwrap();
-        assert_eq!(
-            (o.code, o.stdout.as_str(), o.stderr.as_str()),
-            (3, "out\n", "err\n")
-        );
-        assert!(RealRunner.run("/nonexistent/prog", &[], &[]).is_err());
+    fn real_runners_capture_output_and_code() {
+        let limited = TimeLimitedRunner {
+            limit: std::time::Duration::from_secs(20),
+        };
+        for r in [&RealRunner as &dyn CommandRunner, &limited] {
+            let o = r
+                .run(
+                    "sh",
+                    &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(
+                (o.code, o.stdout.as_str(), o.stderr.as_str()),
+                (3, "out\n", "err\n")
+            );
+            assert!(r.run("/nonexistent/prog", &[], &[]).is_err());
+        }
     }
 
     #[test]
@@ -396,16 +401,5 @@ mod limit_tests {
             .unwrap();
         assert_eq!(o.stdout, "started\n");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        let o = r
-            .run(
-                "sh",
-                &["-c".into(), "echo out; echo err >&2; exit 3".into()],
-                &[],
-            )
-            .unwrap();
-        assert_eq!(
-            (o.code, o.stdout.as_str(), o.stderr.as_str()),
-            (3, "out\n", "err\n")
-        );
     }
 }

@@ -52,6 +52,16 @@ pub fn merge(s: &mut crate::status::Status, live: &state::Live) {
 /// taken over (for the log).
 pub fn on_boot(paths: &Paths, sys: &dyn crate::sys::Sys) -> Vec<String> {
     let carried = slot::carry_in(paths);
+    // A unit file that appeared after systemd loaded its units (k3s's, handed over from
+    // the slot before) is only known to it after a reload.
+    if carried
+        .iter()
+        .any(|f| f.starts_with("/etc/systemd/system/"))
+    {
+        if let Err(e) = sys.run(&crate::sys::Cmd::new("systemctl", &["daemon-reload"])) {
+            tracing::warn!("systemctl daemon-reload after taking over unit files: {e}");
+        }
+    }
     slot::fix_ownership(paths, sys);
     match slot::detect(paths) {
         Ok(Some(r)) => {

@@ -517,6 +517,28 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_file_taken_over_is_loaded_before_use() {
+        let (_d, p) = ab_root();
+        let unit = p.host("/etc/systemd/system/k3s.service");
+        std::fs::create_dir_all(unit.parent().unwrap()).unwrap();
+        std::fs::write(&unit, "[Service]\nExecStart=/usr/local/bin/k3s server\n").unwrap();
+        hand_over(&p, Slot::B).unwrap();
+        std::fs::remove_file(&unit).unwrap();
+        let sys = crate::sys::FakeSys::new();
+        let taken = crate::update::on_boot(&p, &sys);
+        assert!(
+            taken.iter().any(|f| f == "/etc/systemd/system/k3s.service"),
+            "{taken:?}"
+        );
+        assert!(unit.exists());
+        let calls = sys.calls(p.host("/").as_path());
+        assert!(
+            calls.iter().any(|c| c == "run systemctl daemon-reload"),
+            "{calls:?}"
+        );
+    }
+
+    #[test]
     fn state_folders_get_this_releases_owner() {
         let want = vec![
             PersistentDir {

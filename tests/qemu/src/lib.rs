@@ -33,6 +33,20 @@ pub fn artifacts() -> PathBuf {
     d
 }
 
+/// A release-signing key at `path`, made with `clutch update-key` the first time.
+pub fn release_key(path: &Path) -> PathBuf {
+    if !path.exists() {
+        let st = Command::new(bin("clutch"))
+            .arg("update-key")
+            .arg(path)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "clutch update-key {}", path.display());
+    }
+    path.to_path_buf()
+}
+
 /// The release binaries the tests drive (`cargo build --release --bins` first).
 pub fn bin(name: &str) -> PathBuf {
     let p = workspace().join("target/release").join(name);

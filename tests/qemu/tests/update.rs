@@ -66,17 +66,7 @@ fn dir() -> PathBuf {
 
 /// The release-signing key of the test (made once with `clutch update-key`).
 fn key() -> PathBuf {
-    let k = dir().join("release.key");
-    if !k.exists() {
-        let st = Command::new(bin("clutch"))
-            .arg("update-key")
-            .arg(&k)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "clutch update-key");
-    }
-    k
+    release_key(&dir().join("release.key"))
 }
 
 /// The amd64-vm config with `[update]` as release `release`; `packages` and `cmdline` make

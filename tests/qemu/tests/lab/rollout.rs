@@ -30,18 +30,8 @@ const ROLLOUT: Duration = Duration::from_secs(40 * 60);
 const BAD_RELEASE: Duration = Duration::from_secs(25 * 60);
 
 /// The release-signing key of the lab's releases (made once with `clutch update-key`).
-fn release_key() -> PathBuf {
-    let k = artifacts().join("lab-release.key");
-    if !k.exists() {
-        let st = Command::new(bin("clutch"))
-            .arg("update-key")
-            .arg(&k)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "clutch update-key");
-    }
-    k
+fn lab_release_key() -> PathBuf {
+    release_key(&artifacts().join("lab-release.key"))
 }
 
 /// The lab config `t` as release `release`, with `cmdline` (quoted words, comma separated)
@@ -63,7 +53,7 @@ pub fn as_release(t: String, release: &str, cmdline: &str) -> String {
     format!(
         "{t}\n[update]\nsource = \"http://{}/\"\ncheck = \"manual\"\nsigning_key_file = \"{}\"\n",
         ops::update_listen(),
-        release_key().display()
+        lab_release_key().display()
     )
 }
 
