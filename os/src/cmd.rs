@@ -45,6 +45,24 @@ pub trait CommandRunner: Send + Sync {
     ) -> io::Result<CmdOutput>;
 }
 
+/// `program args` with `env` added and stdin closed: how every real runner starts one.
+fn command(program: &str, args: &[String], env: &[(String, String)]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null());
+    c
+}
+
+/// A finished run's exit code and output, decoded.
+fn finished(status: std::process::ExitStatus, stdout: &[u8], stderr: &[u8]) -> CmdOutput {
+    CmdOutput {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(stdout).into_owned(),
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
+    }
+}
+
 /// Runs commands for real.
 pub struct RealRunner;
 
@@ -55,16 +73,8 @@ impl CommandRunner for RealRunner {
         args: &[String],
         env: &[(String, String)],
     ) -> io::Result<CmdOutput> {
-        let out = Command::new(program)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(CmdOutput {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        let out = command(program, args, env).output()?;
+        Ok(finished(out.status, &out.stdout, &out.stderr))
     }
 }
 
@@ -90,10 +100,7 @@ impl CommandRunner for TimeLimitedRunner {
         use std::time::Instant;
 
         let deadline = Instant::now() + self.limit;
-        let mut child = Command::new(program)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
+        let mut child = command(program, args, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -170,11 +177,7 @@ impl CommandRunner for TimeLimitedRunner {
         }
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         match status {
-            Some(st) => Ok(CmdOutput {
-                code: st.code().unwrap_or(-1),
-                stdout: text(&out),
-                stderr: text(&err),
-            }),
+            Some(st) => Ok(finished(st, &out, &err)),
             None => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
